@@ -1,0 +1,1 @@
+"""Thin Ray actors hosting rtb_ray library objects (no math here)."""

@@ -1,0 +1,1 @@
+"""Tasks: one module per task (prior, reward, evaluation, prior pretraining)."""

@@ -1,0 +1,158 @@
+"""``rtb-ray``: train, pretrain and sample diffusion posteriors with relative trajectory balance."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rtb_ray.config import ConfigError, RunConfig, load_config
+
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
+
+EPILOG = """examples:
+  rtb-ray train pipelines/configs/gmm25.yaml --in-process --output runs/gmm25
+  rtb-ray train pipelines/configs/gmm25.yaml --set train.steps=2000 --set train.batch_size=128
+  rtb-ray train pipelines/configs/gmm25.yaml --output runs/gmm25 --resume
+  rtb-ray pretrain gmm25
+  rtb-ray sample runs/gmm25 --n 10000 --out samples.npz
+"""
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.batch_size=128 (repeatable; "
+                        "VALUE is parsed as YAML)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rtb-ray",
+        description="Train diffusion-model posteriors p_post(x) ∝ p_prior(x)·r(x)^β with relative "
+                    "trajectory balance (RTB).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune a posterior from a config",
+                       description="Fine-tune the posterior of the config's task with RTB. Writes "
+                                   "metrics, evaluation plots and checkpoints to --output.")
+    p.add_argument("config", help="experiment YAML, e.g. pipelines/configs/gmm25.yaml")
+    p.add_argument("--in-process", action="store_true",
+                   help="run sampler and learner in this process (no Ray). This is currently the "
+                        "only runtime; the Ray runtime is not built yet")
+    p.add_argument("--output", type=Path, help="run directory (default: runs/<config>-<time>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_overrides(p)
+
+    p = sub.add_parser("pretrain", help="pretrain and cache a task's prior",
+                       description="Pretrain the prior of a task and store it where configs find "
+                                   "it (task.prior_checkpoint, or the cache folder "
+                                   "$RTB_RAY_CACHE, default ~/.cache/rtb-ray).")
+    p.add_argument("target", help="a task name (uses pipelines/configs/<name>.yaml) or a config")
+    p.add_argument("--force", action="store_true", help="retrain even if the checkpoint exists")
+    _add_overrides(p)
+
+    p = sub.add_parser("sample", help="export posterior samples of a run",
+                       description="Sample the run's latest posterior and save x and "
+                                   "logw = β log r + Σ log p_prior − Σ log p_φ to an .npz file.")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--n", type=int, default=10_000, help="number of samples (default 10000)")
+    p.add_argument("--out", type=Path, required=True, help="output .npz file")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _config_for_target(target: str, overrides: list[str]) -> RunConfig:
+    path = Path(target)
+    if not path.exists() and (DEFAULT_CONFIG_DIR / f"{target}.yaml").exists():
+        path = DEFAULT_CONFIG_DIR / f"{target}.yaml"
+    if path.exists():
+        return load_config(path, overrides + ["task.pretrain_if_missing=true"])
+    raise ConfigError(f"{target}: neither a config file nor a task with a default config")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rtb_ray.trainer import InProcessTrainer, format_eval
+
+    cfg = load_config(args.config, args.overrides)
+    output = args.output or Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.resume and args.output is None:
+        raise ConfigError("--resume needs --output RUN_DIR")
+    trainer = InProcessTrainer(cfg, output, resume=args.resume, progress=not args.no_progress)
+    print(f"run directory: {output}")
+    try:
+        final = trainer.train()
+    except KeyboardInterrupt:
+        return 130
+    print(format_eval(final))
+    print(f"final metrics: {output / 'final_eval.json'}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from rtb_ray.tasks import make_task
+
+    cfg = _config_for_target(args.target, args.overrides)
+    task = make_task(cfg.task)
+    path = cfg.task.prior_path()
+    if path.exists() and not args.force:
+        print(f"prior already cached at {path} (use --force to retrain)")
+        return 0
+    stats = task.pretrain()
+    print(f"prior saved to {path}")
+    for k in ("pretrain_seconds", "prior_tv_uniform", "log_z_theta", "target_tv_analytic"):
+        if k in stats:
+            print(f"  {k}: {stats[k]:.4f}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from rtb_ray.metrics import sum_log_probs
+    from rtb_ray.tasks import make_task
+    from rtb_ray.trainer import load_run_checkpoint
+
+    if args.n < 1:
+        raise ConfigError("--n must be >= 1")
+    cfg_path = args.run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise ConfigError(f"{args.run_dir} is not a run directory (no config.yaml)")
+    cfg = load_config(cfg_path)
+    task = make_task(cfg.task)
+    prior = task.prior()
+    ckpt = load_run_checkpoint(args.run_dir / "checkpoint.pt", task.name)
+    posterior = copy.deepcopy(prior)
+    posterior.load_state_dict(ckpt["learner"]["posterior"])
+    gen = torch.Generator().manual_seed(args.seed)
+    family = task.family
+    cond = task.conditions(args.n)
+    states, log_post = family.sample(posterior, args.n, cond=cond, generator=gen)
+    log_prior = sum_log_probs(family, prior, states, cond)
+    log_r = task.log_reward(states[:, -1], cond)
+    logw = cfg.train.objective.beta * log_r + log_prior - log_post
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(args.out, x=states[:, -1].numpy(), logw=logw.numpy(), log_reward=log_r.numpy())
+    print(f"wrote {args.n} samples to {args.out} (step {ckpt['learner']['step']}, "
+          f"mean logw {logw.mean().item():.4f})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"train": cmd_train, "pretrain": cmd_pretrain, "sample": cmd_sample}[args.command](args)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"rtb-ray: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Typed, validated run configuration, loaded from YAML with ``key.path=value`` overrides.
+
+Every section forbids unknown keys, so a typo is an error that names the key, not a silently
+ignored setting. The ``task`` section is validated by the task's own model (``pipelines/<name>``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A bad configuration. The message is one line that names the offending key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ExploreConfig(Strict):
+    """Variance inflation of posterior rollouts: ``explore`` std added in quadrature per step,
+    annealed linearly from ``start`` to ``end`` over the first ``anneal_fraction`` of training."""
+
+    start: float = Field(0.5, ge=0)
+    end: float = Field(0.0, ge=0)
+    anneal_fraction: float = Field(0.5, gt=0, le=1)
+
+    def at(self, progress: float) -> float:
+        frac = min(progress / self.anneal_fraction, 1.0)
+        return self.start + (self.end - self.start) * frac
+
+
+class ObjectiveConfig(Strict):
+    kind: Literal["rtb", "vargrad", "kl_rl"] = "rtb"
+    beta: float = Field(1.0, gt=0, description="reward temperature: target ∝ p_prior · r^beta")
+    loss_clip: float | None = Field(None, ge=0, description="relu(δ² − c) per trajectory")
+    log_reward_floor: float | None = Field(None, description="clamp log r from below")
+    chunk_steps: int | None = Field(
+        None, ge=1, description="backprop Σ log p_φ in chunks of this many steps (O(chunk) memory)"
+    )
+    subsample_steps: int | None = Field(
+        None, ge=1, description="gradients through this many random steps, rescaled to be unbiased"
+    )
+
+
+class TrainConfig(Strict):
+    steps: int = Field(5000, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    lr_log_z: float = Field(0.1, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    lr_final_fraction: float = Field(0.0, ge=0, le=1)
+    grad_clip: float | None = Field(None, gt=0)
+    explore: ExploreConfig = ExploreConfig()
+    sources: dict[str, float] = Field(
+        default_factory=lambda: {"posterior": 1.0},
+        description="share of each batch per source: posterior, prior, backward",
+    )
+    backward_pool: int = Field(
+        4096, ge=1, description="recent terminal states kept for backward trajectories"
+    )
+    objective: ObjectiveConfig = ObjectiveConfig()
+
+    @field_validator("sources")
+    @classmethod
+    def _check_sources(cls, v: dict[str, float]) -> dict[str, float]:
+        allowed = {"posterior", "prior", "backward"}
+        for name, share in v.items():
+            if name not in allowed:
+                raise ValueError(f"unknown source {name!r} (allowed: {sorted(allowed)})")
+            if share < 0:
+                raise ValueError(f"share of {name!r} must be >= 0")
+        if sum(v.values()) <= 0:
+            raise ValueError("shares must not all be zero")
+        return v
+
+
+class EvalConfig(Strict):
+    every_steps: int = Field(500, ge=1)
+    num_samples: int = Field(10_000, ge=10)
+    final_num_samples: int = Field(50_000, ge=10)
+
+
+class RunConfig(Strict):
+    """One experiment. ``task`` holds the task's own settings (validated by the task)."""
+
+    task: Any
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int | None = Field(None, ge=1, description="default: the CPUs available")
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint_every_steps: int = Field(1000, ge=1)
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task(cls, v: Any) -> Any:
+        from rtb_ray.tasks import task_config_model
+
+        if not isinstance(v, dict) or "name" not in v:
+            raise ValueError("must be a mapping with a 'name' (e.g. name: gmm25)")
+        return task_config_model(v["name"]).model_validate(v)
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
+
+
+def _format_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in e and not isinstance(e["input"], (dict, list)):
+            msg += f" (got {e['input']!r})"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{dotted}: {k} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        out.append((key.strip(), yaml.safe_load(raw)))
+    return out
+
+
+def validate_config(data: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for key, value in parse_overrides(overrides or []):
+        _set_path(data, key, value)
+    return validate_config(data)
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return json.loads(cfg.model_dump_json())

@@ -1,0 +1,91 @@
+"""The learner: the posterior, log Z, their optimiser, and one gradient step on a batch."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from rtb_ray.config import TrainConfig
+from rtb_ray.objectives import rtb_backward
+from rtb_ray.trajectory import TrajectoryBatch
+from rtb_ray.transitions import TransitionFamily
+
+
+class Learner:
+    """Owns the trainable state. The posterior starts as a copy of the (frozen) prior; log Z
+    has its own, larger learning rate. ``version`` counts optimiser steps and is what rollouts
+    record as ``policy_version``."""
+
+    def __init__(
+        self,
+        family: TransitionFamily,
+        prior: nn.Module,
+        cfg: TrainConfig,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+    ) -> None:
+        self.family = family
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.prior = prior.to(self.device).requires_grad_(False).eval()
+        self.posterior = copy.deepcopy(self.prior).requires_grad_(True).train()
+        self.log_z = torch.zeros((), device=self.device, requires_grad=True)
+        self.optimizer = torch.optim.Adam(
+            [
+                {"params": list(self.posterior.parameters()), "lr": cfg.lr},
+                {"params": [self.log_z], "lr": cfg.lr_log_z},
+            ]
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.step_count = 0
+
+    def _lr_factor(self, step: int) -> float:
+        if self.cfg.lr_schedule == "constant":
+            return 1.0
+        floor = self.cfg.lr_final_fraction
+        progress = min(step / self.cfg.steps, 1.0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    @property
+    def version(self) -> int:
+        return self.step_count
+
+    def step(self, batch: TrajectoryBatch) -> dict[str, float]:
+        batch = batch.to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = rtb_backward(
+            self.family, self.posterior, self.log_z, batch, self.cfg.objective, self.generator
+        )
+        if self.cfg.grad_clip is not None:
+            stats["grad_norm"] = nn.utils.clip_grad_norm_(
+                self.posterior.parameters(), self.cfg.grad_clip
+            ).item()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step_count += 1
+        stats["log_z"] = self.log_z.item()
+        stats["lr"] = self.optimizer.param_groups[0]["lr"]
+        return stats
+
+    def state_dict(self) -> dict:
+        return {
+            "posterior": self.posterior.state_dict(),
+            "log_z": self.log_z.detach().cpu(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "step": self.step_count,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.posterior.load_state_dict(state["posterior"])
+        with torch.no_grad():
+            self.log_z.copy_(state["log_z"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        self.step_count = int(state["step"])

@@ -1,0 +1,109 @@
+"""Metrics that say whether the posterior is right (RTB.md, "Metrics").
+
+With ``lw(τ) = β log r(x_T) + log p_prior(τ) − log p_φ(τ)``:
+ELBO = mean lw over posterior trajectories (≤ log Z), importance-weighted log Z =
+log mean exp lw, ESS = 1 / Σ softmax(lw)²; EUBO = mean lw over target trajectories (≥ log Z),
+drawn by resampling prior trajectories in proportion to r^β (SIR).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from rtb_ray.trajectory import TrajectoryBatch
+from rtb_ray.transitions import TransitionFamily
+
+
+@torch.no_grad()
+def sum_log_probs(
+    family: TransitionFamily,
+    net: nn.Module,
+    states: Tensor,
+    cond: Tensor | None = None,
+    chunk: int = 4096,
+) -> Tensor:
+    """Σ_t log p(x_{t+1}|x_t) per trajectory, in chunks of trajectories to bound memory."""
+    out = [
+        family.step_log_probs(
+            net, states[i : i + chunk], cond=None if cond is None else cond[i : i + chunk]
+        ).sum(1)
+        for i in range(0, states.shape[0], chunk)
+    ]
+    return torch.cat(out)
+
+
+def importance_metrics(log_weights: Tensor) -> dict[str, float]:
+    n = log_weights.shape[0]
+    lw = log_weights.double()
+    w = torch.softmax(lw, 0)
+    return {
+        "elbo": lw.mean().item(),
+        "iw_log_z": (torch.logsumexp(lw, 0) - math.log(n)).item(),
+        "ess_fraction": (1.0 / w.square().sum()).item() / n,
+    }
+
+
+def sir_indices(log_weights: Tensor, m: int, generator: torch.Generator | None = None) -> Tensor:
+    """Sampling-importance-resampling: m indices drawn with probability ∝ exp(log_weights)."""
+    probs = torch.softmax(log_weights.double(), 0)
+    return torch.multinomial(probs, m, replacement=True, generator=generator)
+
+
+def mode_weights(x: Tensor, centers: Tensor) -> Tensor:
+    """Share of samples whose nearest centre is each of ``centers [K, D]``."""
+    nearest = torch.cdist(x.float(), centers.float()).argmin(1)
+    return torch.bincount(nearest, minlength=centers.shape[0]).double() / x.shape[0]
+
+
+def total_variation(p: Tensor, q: Tensor) -> float:
+    return 0.5 * (p.double() - q.double()).abs().sum().item()
+
+
+def sliced_wasserstein(
+    x: Tensor, y: Tensor, num_projections: int = 256, generator: torch.Generator | None = None
+) -> float:
+    """W2 averaged over random 1-D projections (quantile matching; sizes may differ)."""
+    d = x.shape[1]
+    dirs = torch.randn(d, num_projections, generator=generator, dtype=torch.float64)
+    dirs /= dirs.norm(dim=0, keepdim=True)
+    q = torch.linspace(0, 1, min(x.shape[0], y.shape[0]), dtype=torch.float64)
+    qx = torch.quantile(x.double() @ dirs, q, dim=0)
+    qy = torch.quantile(y.double() @ dirs, q, dim=0)
+    return (qx - qy).square().mean().sqrt().item()
+
+
+@torch.no_grad()
+def posterior_metrics(
+    family: TransitionFamily,
+    posterior: nn.Module,
+    prior: nn.Module,
+    samples: TrajectoryBatch,
+    target_pool: TrajectoryBatch | None,
+    beta: float,
+    reference_log_z: float | None = None,
+    eubo_samples: int = 4096,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """Generic quality metrics of a posterior. ``samples`` are on-policy posterior trajectories
+    (their ``log_prior`` and ``log_reward`` filled in); ``target_pool`` are prior trajectories
+    from which target trajectories are drawn by SIR for the EUBO."""
+    log_post = sum_log_probs(family, posterior, samples.states, samples.cond)
+    lw = beta * samples.log_reward + samples.log_prior - log_post
+    out = importance_metrics(lw)
+    out["mean_log_reward"] = samples.log_reward.double().mean().item()
+    if target_pool is not None:
+        idx = sir_indices(beta * target_pool.log_reward, eubo_samples, generator)
+        target = target_pool.index(idx)
+        log_post_t = sum_log_probs(family, posterior, target.states, target.cond)
+        out["eubo"] = (
+            (beta * target.log_reward + target.log_prior - log_post_t).double().mean().item()
+        )
+    if reference_log_z is not None:
+        out["reference_log_z"] = reference_log_z
+        out["elbo_gap"] = reference_log_z - out["elbo"]
+        if "eubo" in out:
+            out["eubo_gap"] = out["eubo"] - reference_log_z
+    return out

@@ -1,0 +1,109 @@
+"""RTB and friends, written as losses of one per-trajectory quantity.
+
+For a trajectory τ with posterior log-probability ``S = Σ_t log p_φ(x_{t+1}|x_t)``:
+
+    RTB      δ(τ) = log Z + S − log p_prior(τ) − β log r(x_T),        L = mean δ²
+    VarGrad  d(τ) = S − log p_prior(τ) − β log r(x_T),                L = var d
+             (log Z is then fitted to −mean d by its own squared error, detached from φ)
+    KL-RL    A(τ) = β log r − (S − log p_prior) (detached),          L = −mean (A − mean A)·S
+
+Every loss depends on the network only through S, so its gradient is Σ_b (∂L/∂S_b) ∇S_b. That
+lets the same code (a) backpropagate through the whole batch at once, (b) accumulate ∇S in
+chunks of steps with O(chunk) memory, and (c) push gradients through a random subset of steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from rtb_ray.config import ObjectiveConfig
+from rtb_ray.trajectory import TrajectoryBatch
+from rtb_ray.transitions import TransitionFamily
+
+
+def scaled_log_reward(log_reward: Tensor, cfg: ObjectiveConfig) -> Tensor:
+    if cfg.log_reward_floor is not None:
+        log_reward = log_reward.clamp_min(cfg.log_reward_floor)
+    return cfg.beta * log_reward
+
+
+def trajectory_loss(
+    log_post: Tensor, log_prior: Tensor, beta_log_reward: Tensor, log_z: Tensor, cfg: ObjectiveConfig
+) -> tuple[Tensor, Tensor]:
+    """The scalar loss and the per-trajectory RTB residual δ (detached, for logging)."""
+    d = log_post - log_prior - beta_log_reward
+    delta = (log_z + d).detach()
+    if cfg.kind == "rtb":
+        per_traj = (log_z + d).square()
+        fit_log_z = 0.0
+    else:
+        # log Z does not enter these losses: fit it to the batch estimate −mean d on its own
+        # learning rate so that it stays an estimate of the normaliser.
+        fit_log_z = (log_z + d.detach()).square().mean()
+        if cfg.kind == "vargrad":
+            per_traj = (d - d.mean()).square()
+        else:  # kl_rl: REINFORCE with a batch-mean baseline on β log r − log(p_φ/p_prior)
+            advantage = -d.detach()
+            per_traj = -(advantage - advantage.mean()) * log_post
+    if cfg.loss_clip is not None:
+        per_traj = torch.relu(per_traj - cfg.loss_clip)
+    return per_traj.mean() + fit_log_z, delta
+
+
+def _random_steps(num_steps: int, k: int, generator: torch.Generator | None, device) -> Tensor:
+    return torch.randperm(num_steps, generator=generator)[:k].sort().values.to(device)
+
+
+def rtb_backward(
+    family: TransitionFamily,
+    posterior: nn.Module,
+    log_z: Tensor,
+    batch: TrajectoryBatch,
+    cfg: ObjectiveConfig,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """Compute the loss of ``batch`` and accumulate its gradients into ``posterior`` and
+    ``log_z`` (``.grad``). Σ log p_φ is recomputed for all B×T transitions in batched passes."""
+    states, cond = batch.states, batch.cond
+    beta_log_reward = scaled_log_reward(batch.log_reward, cfg)
+    num_steps = batch.num_steps
+    steps = None
+    scale = 1.0
+    if cfg.subsample_steps is not None and cfg.subsample_steps < num_steps:
+        steps = _random_steps(num_steps, cfg.subsample_steps, generator, states.device)
+        scale = num_steps / cfg.subsample_steps
+
+    if cfg.chunk_steps is None:
+        log_post = family.step_log_probs(posterior, states, cond=cond, steps=steps).sum(1)
+        if steps is not None:
+            # value = Σ over all steps; gradient = (T/k)·Σ over the k chosen steps (unbiased)
+            rest = torch.ones(num_steps, dtype=torch.bool, device=states.device)
+            rest[steps] = False
+            with torch.no_grad():
+                log_rest = family.step_log_probs(
+                    posterior, states, cond=cond, steps=rest.nonzero().squeeze(1)
+                ).sum(1)
+            log_post = scale * log_post - (scale - 1) * log_post.detach() + log_rest
+        loss, delta = trajectory_loss(log_post, batch.log_prior, beta_log_reward, log_z, cfg)
+        loss.backward()
+    else:
+        # δ without a graph, then ∂L/∂S_b · ∇ Σ_{t ∈ chunk} log p_φ, chunk by chunk.
+        with torch.no_grad():
+            log_post_value = family.step_log_probs(posterior, states, cond=cond).sum(1)
+        log_post = log_post_value.requires_grad_()
+        loss, delta = trajectory_loss(log_post, batch.log_prior, beta_log_reward, log_z, cfg)
+        loss.backward()
+        coef = log_post.grad * scale  # type: ignore[operator]
+        chosen = steps if steps is not None else torch.arange(num_steps, device=states.device)
+        for chunk in chosen.split(cfg.chunk_steps):
+            lp = family.step_log_probs(posterior, states, cond=cond, steps=chunk).sum(1)
+            (coef * lp).sum().backward()
+        log_post = log_post.detach()
+
+    return {
+        "loss": loss.item(),
+        "delta_mean": delta.mean().item(),
+        "delta_sq": delta.square().mean().item(),
+        "log_post": log_post.mean().item(),
+    }

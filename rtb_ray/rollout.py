@@ -1,0 +1,60 @@
+"""Rollouts: turn a task and a policy into scored trajectory batches, from any source."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from rtb_ray.metrics import sum_log_probs
+from rtb_ray.tasks import Task
+from rtb_ray.trajectory import Source, TrajectoryBatch
+
+
+class Sampler:
+    """Produces trajectories from the posterior (optionally explored), the prior, or backwards
+    from given terminal states, and scores each once: Σ log p_prior and log r travel with it."""
+
+    def __init__(self, task: Task, prior: nn.Module, posterior: nn.Module) -> None:
+        self.task = task
+        self.family = task.family
+        self.prior = prior
+        self.posterior = posterior
+
+    @torch.no_grad()
+    def rollout(
+        self,
+        source: Source,
+        n: int,
+        *,
+        explore: float = 0.0,
+        policy_version: int = -1,
+        terminal: Tensor | None = None,
+        cond: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> TrajectoryBatch:
+        """``terminal`` (and its ``cond``) are the known x_T that backward rollouts start from."""
+        if cond is None and terminal is None:
+            cond = self.task.conditions(n)
+        if source in (Source.POSTERIOR, Source.EXPLORE):
+            source = Source.EXPLORE if explore > 0 else Source.POSTERIOR
+            states, log_behaviour = self.family.sample(
+                self.posterior, n, cond=cond, explore=explore, generator=generator
+            )
+            log_prior = sum_log_probs(self.family, self.prior, states, cond)
+        elif source == Source.PRIOR:
+            # the prior sampled it: its behaviour log-prob *is* log p_prior
+            states, log_prior = self.family.sample(self.prior, n, cond=cond, generator=generator)
+            log_behaviour = log_prior
+            policy_version = -1
+        elif source in (Source.BACKWARD, Source.LOCAL_SEARCH):
+            if terminal is None:
+                raise ValueError("backward rollouts need terminal states")
+            states, log_behaviour = self.family.backward_sample(terminal, generator=generator)
+            log_prior = sum_log_probs(self.family, self.prior, states, cond)
+            policy_version = -1
+        else:
+            raise ValueError(f"unknown source {source!r}")
+        log_reward = self.task.log_reward(states[:, -1], cond)
+        return TrajectoryBatch.make(
+            states, log_reward, log_prior, log_behaviour, source, policy_version, cond
+        )

@@ -1,0 +1,63 @@
+"""Shared fixtures: a Gaussian task whose posterior and normaliser are known in closed form."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+from rtb_ray.networks import TimeMLP
+from rtb_ray.transitions import PinnedBrownian
+
+
+class GaussianTask:
+    """Zero-drift pinned Brownian prior (x_1 ~ N(0, σ² I)) and a Gaussian likelihood reward
+    r(x) = N(y; x, s² I). Posterior N(m, v I) with v = 1/(1/σ² + 1/s²), m = v·y/s²;
+    log Z = log N(y; 0, (σ² + s²) I)."""
+
+    name = "gaussian"
+
+    def __init__(self, dim: int = 1, num_steps: int = 50, sigma: float = 1.0, s2: float = 1.0,
+                 y: float = 1.5, hidden: int = 32) -> None:
+        # learned variance: the reward-tilted Brownian motion is then exactly in the family
+        self.family = PinnedBrownian(dim, num_steps, sigma, learn_variance=True)
+        self.dim, self.sigma2, self.s2 = dim, sigma**2, s2
+        self.y = torch.full((dim,), y)
+        self.hidden = hidden
+        self.post_var = 1 / (1 / self.sigma2 + 1 / s2)
+        self.post_mean = self.post_var * self.y / s2
+        total = self.sigma2 + s2
+        self.log_z = float(
+            -0.5 * (self.y.square().sum() / total + dim * math.log(2 * math.pi * total))
+        )
+
+    def prior(self) -> TimeMLP:
+        net = TimeMLP(self.dim, self.family.num_steps, hidden=self.hidden, depth=1,
+                      time_features=16, out_dim=self.family.net_out_dim)
+        return net.requires_grad_(False)  # zero last layer: exactly the zero drift
+
+    def log_reward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+        return -0.5 * ((x - self.y).square().sum(-1) / self.s2
+                       + self.dim * math.log(2 * math.pi * self.s2))
+
+    def conditions(self, n: int) -> None:
+        return None
+
+    def sample_posterior(self, n: int, gen: torch.Generator) -> Tensor:
+        return self.post_mean + math.sqrt(self.post_var) * torch.randn(n, self.dim, generator=gen)
+
+
+@pytest.fixture
+def gaussian_task() -> GaussianTask:
+    torch.manual_seed(0)
+    return GaussianTask()
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty prior cache, so tests never reuse (or pollute) the user's cached priors."""
+    monkeypatch.setenv("RTB_RAY_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

@@ -1,0 +1,140 @@
+"""The command line: clear one-line errors for bad input, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "pipelines" / "configs" / "gmm25.yaml"
+# A small version of the shipped config, so that the tests run in seconds.
+TINY = [
+    "task.num_steps=20", "task.hidden=32", "task.pretrain.steps=150",
+    "task.pretrain.batch_size=256", "task.pretrain.stats_samples=2000",
+    "train.steps=20", "train.batch_size=32", "eval.every_steps=10", "eval.num_samples=200",
+    "eval.final_num_samples=300", "checkpoint_every_steps=10",
+]
+
+
+def rtb_ray(*args: str, cache: Path, check: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RTB_RAY_CACHE": str(cache)}
+    proc = subprocess.run([sys.executable, "-m", "rtb_ray.cli", *args], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr)
+    return proc
+
+
+def sets(items: list[str]) -> list[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("train.bacth_size=64", "train.bacth_size: unknown key"),
+        ("train.batch_size=-4", "train.batch_size: Input should be greater than or equal to 1"),
+        ("task.num_steps=0", "task.num_steps: Input should be greater than or equal to 1"),
+        ("train.objective.kind=ppo", "train.objective.kind"),
+        ("train.sources={posterior: 1, replay: 1}", "unknown source 'replay'"),
+    ],
+)
+def test_bad_config_is_one_clear_line(tmp_path, override, expected):
+    proc = rtb_ray("train", str(CONFIG), "--set", override, "--output", str(tmp_path / "run"),
+                   cache=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert expected in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing was started or written
+
+
+def test_missing_prior_without_pretraining_is_a_clear_error(tmp_path):
+    proc = rtb_ray("train", str(CONFIG), "--set", "task.pretrain_if_missing=false",
+                   "--set", f"task.prior_checkpoint={tmp_path}/nope.pt", cache=tmp_path)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "nope.pt does not exist and pretrain_if_missing is false" in proc.stderr
+
+
+def test_help_explains_the_commands(tmp_path):
+    out = rtb_ray("--help", cache=tmp_path).stdout
+    for word in ("train", "pretrain", "sample", "examples"):
+        assert word in out
+    assert "--resume" in rtb_ray("train", "--help", cache=tmp_path).stdout
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """A prior cache holding the tiny config's pretrained prior."""
+    cache = tmp_path_factory.mktemp("cache")
+    out = rtb_ray("pretrain", "gmm25", *sets(TINY), cache=cache, check=True).stdout
+    assert "prior saved to" in out and "prior_tv_uniform" in out
+    assert len(list((cache / "gmm25").glob("prior-*.pt"))) == 1
+    again = rtb_ray("pretrain", "gmm25", *sets(TINY), cache=cache, check=True).stdout
+    assert "already cached" in again
+    return cache
+
+
+def test_ctrl_c_checkpoints_and_resume_continues(tmp_path, cache):
+    run = tmp_path / "run"
+    long = [o for o in TINY if not o.startswith(("train.steps", "checkpoint_every"))]
+    args = ["train", str(CONFIG), "--no-progress", "--output", str(run), *sets(long),
+            "--set", "train.steps=100000", "--set", "checkpoint_every_steps=100000"]
+    proc = subprocess.Popen([sys.executable, "-m", "rtb_ray.cli", *args], cwd=ROOT,
+                            env={**os.environ, "RTB_RAY_CACHE": str(cache)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (
+        (run / "metrics.jsonl").exists() and '"train"' in (run / "metrics.jsonl").read_text()
+    ):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "checkpoint saved" in out
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    stopped_at = ckpt["learner"]["step"]
+    assert stopped_at >= 50
+    rtb_ray("train", str(CONFIG), "--no-progress", "--output", str(run), "--resume",
+            *sets(long), "--set", f"train.steps={stopped_at + 10}", cache=cache, check=True)
+    final = json.loads((run / "final_eval.json").read_text())
+    assert final["step"] == stopped_at + 10
+
+
+def test_train_resume_sample_end_to_end(tmp_path, cache):
+    run = tmp_path / "run"
+    half = [o if not o.startswith("train.steps") else "train.steps=10" for o in TINY]
+    rtb_ray("train", str(CONFIG), "--in-process", "--no-progress", "--output", str(run),
+            *sets(half), cache=cache, check=True)
+    # a finished run is not overwritten by accident
+    again = rtb_ray("train", str(CONFIG), "--output", str(run), *sets(TINY), cache=cache)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    # resume continues from step 10 to 20 (train.steps raised on the command line)
+    rtb_ray("train", str(CONFIG), "--no-progress", "--output", str(run), "--resume",
+            *sets(TINY), cache=cache, check=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 10, 20]
+    final = json.loads((run / "final_eval.json").read_text())
+    for key in ("tv_target", "tv_analytic", "modes_hit", "forbidden_mass", "elbo", "eubo",
+                "elbo_gap", "iw_log_z", "ess_fraction", "mean_log_reward", "log_z_error",
+                "sliced_w2_analytic"):
+        assert np.isfinite(final[key]), key
+    assert final["step"] == 20 and final["num_samples"] == 300
+    assert (run / "eval" / "step_20.png").stat().st_size > 1000
+
+    npz = tmp_path / "samples.npz"
+    rtb_ray("sample", str(run), "--n", "123", "--out", str(npz), cache=cache, check=True)
+    data = np.load(npz)
+    assert data["x"].shape == (123, 2) and data["logw"].shape == (123,)
+    assert np.isfinite(data["logw"]).all()
