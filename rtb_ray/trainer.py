@@ -136,17 +136,16 @@ class InProcessTrainer:
         explore = self.cfg.train.explore.at(progress)
         parts = []
         for source, n in source_counts(self.cfg.train.sources, self.cfg.train.batch_size).items():
+            terminal = None
             if source == Source.BACKWARD:
                 terminal = self.pool.sample(n, self.gen)
                 if terminal is None:  # nothing seen yet: sample on-policy instead
-                    source, terminal = Source.POSTERIOR, None
-                parts.append(self.sampler.rollout(source, n, explore=explore, terminal=terminal,
-                                                  policy_version=self.learner.version, generator=self.gen))
-            else:
-                parts.append(self.sampler.rollout(source, n, explore=explore,
-                                                  policy_version=self.learner.version, generator=self.gen))
-            if parts[-1].source[0] != Source.BACKWARD:
-                self.pool.add(parts[-1])
+                    source = Source.POSTERIOR
+            batch = self.sampler.rollout(source, n, explore=explore, terminal=terminal,
+                                         policy_version=self.learner.version, generator=self.gen)
+            if source != Source.BACKWARD:
+                self.pool.add(batch)
+            parts.append(batch)
         return TrajectoryBatch.cat(parts)
 
     # -- evaluation ----------------------------------------------------------------------------
