@@ -43,6 +43,7 @@ EXACT_MEAN_LOG_REWARD = math.log(25) + float((WEIGHTS_9 * WEIGHTS_9.log()).sum()
 
 
 def mixture_log_prob(x: Tensor, centers: Tensor, weights: Tensor) -> Tensor:
+    centers, weights = centers.to(x.device), weights.to(x.device)
     sq = torch.cdist(x, centers).square()
     comp = -0.5 * sq / MODE_VAR - math.log(2 * math.pi * MODE_VAR)  # 2-D isotropic Gaussians
     return torch.logsumexp(comp + weights.log(), dim=1)

@@ -48,8 +48,8 @@ def importance_metrics(log_weights: Tensor) -> dict[str, float]:
 
 def sir_indices(log_weights: Tensor, m: int, generator: torch.Generator | None = None) -> Tensor:
     """Sampling-importance-resampling: m indices drawn with probability ∝ exp(log_weights)."""
-    probs = torch.softmax(log_weights.double(), 0)
-    return torch.multinomial(probs, m, replacement=True, generator=generator)
+    probs = torch.softmax(log_weights.detach().double().cpu(), 0)
+    return torch.multinomial(probs, m, replacement=True, generator=generator).to(log_weights.device)
 
 
 def mode_weights(x: Tensor, centers: Tensor) -> Tensor:

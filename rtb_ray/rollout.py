@@ -49,7 +49,10 @@ class Sampler:
         elif source in (Source.BACKWARD, Source.LOCAL_SEARCH):
             if terminal is None:
                 raise ValueError("backward rollouts need terminal states")
-            states, log_behaviour = self.family.backward_sample(terminal, generator=generator)
+            device = next(self.posterior.parameters()).device
+            states, log_behaviour = self.family.backward_sample(
+                terminal.to(device), generator=generator
+            )
             log_prior = sum_log_probs(self.family, self.prior, states, cond)
             policy_version = -1
         else:

@@ -73,8 +73,8 @@ class TerminalPool:
     log_reward: torch.Tensor | None = None
 
     def add(self, batch: TrajectoryBatch) -> None:
-        keep = torch.isfinite(batch.log_reward)
-        x, lr = batch.terminal[keep], batch.log_reward[keep]
+        keep = torch.isfinite(batch.log_reward)  # kept on the CPU: small, and checkpointed
+        x, lr = batch.terminal[keep].cpu(), batch.log_reward[keep].cpu()
         if self.x is None or self.log_reward is None:
             self.x, self.log_reward = x, lr
         else:

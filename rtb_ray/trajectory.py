@@ -77,14 +77,14 @@ class TrajectoryBatch:
         cond: Tensor | None = None,
     ) -> "TrajectoryBatch":
         """A batch from one source and one weights version (what every sampler produces)."""
-        b = states.shape[0]
+        b, dev = states.shape[0], states.device
         return cls(
             states=states,
             log_reward=log_reward.float(),
             log_prior=log_prior.float(),
             log_behaviour=log_behaviour.float(),
-            source=torch.full((b,), int(source), dtype=torch.int8),
-            policy_version=torch.full((b,), policy_version, dtype=torch.int64),
+            source=torch.full((b,), int(source), dtype=torch.int8, device=dev),
+            policy_version=torch.full((b,), policy_version, dtype=torch.int64, device=dev),
             cond=cond,
         )
 

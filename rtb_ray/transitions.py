@@ -109,7 +109,8 @@ class PinnedBrownian:
         device = next(net.parameters()).device
         states = torch.empty(n, self.num_steps + 1, self.dim, device=device)
         states[:, 0] = 0.0
-        noise = torch.randn(n, self.num_steps, self.dim, device=device, generator=generator)
+        # drawn on the CPU (where seeded generators live), then moved: same numbers on any device
+        noise = torch.randn(n, self.num_steps, self.dim, generator=generator).to(device)
         log_behaviour = torch.zeros(n, device=device)
         x = states[:, 0]
         for t in range(self.num_steps):
@@ -151,7 +152,7 @@ class PinnedBrownian:
         states = torch.empty(n, self.num_steps + 1, self.dim, device=x.device)
         states[:, -1] = x
         states[:, 0] = 0.0
-        noise = torch.randn(n, self.num_steps, self.dim, device=x.device, generator=generator)
+        noise = torch.randn(n, self.num_steps, self.dim, generator=generator).to(x.device)
         log_q = torch.zeros(n, device=x.device)
         for t in range(self.num_steps - 1, 0, -1):
             shrink, var = t / (t + 1), self.step_var * t / (t + 1)
