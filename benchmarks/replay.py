@@ -1,0 +1,346 @@
+"""Replay store benchmark: throughput against memcpy, sample latency against numpy fancy
+indexing, sealing MB/s, reopen time, and RSS under a long insert loop.
+
+    python benchmarks/replay.py [--quick] [--out DIR] [--tmp DIR]
+
+Definitions (all measured in this run, on this machine):
+
+- insert+sample throughput: steady state (the store already full, so every insert evicts),
+  alternating ``insert(b rows)`` and ``sample(b rows)``; bytes moved = bytes inserted + bytes
+  sampled (the tensors of the TrajectoryBatch), over the wall time of both.
+- memcpy: ``np.copyto`` of a buffer of the same number of bytes into a preallocated one, source
+  and destination reused (``memcpy_gbps``, the literal "same bytes"), and from a rotating slice
+  of a 256 MiB source (``memcpy_cold_gbps``: the copy from memory instead of cache).
+- numpy equivalent: the same copy into the store's own ring arrays and ``take`` of the same
+  number of random rows, without the store (what the hot path cannot avoid).
+- latency: ``store.sample(512)`` (uniform), then numpy fancy indexing ``states[idx]`` of the
+  very rows each sample returned (run after the store pass, so any cache advantage is numpy's).
+- sealing: write + fsync + rename + manifest of each segment, timed in the sealer thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rtb_ray.replay import Mixture, Prioritised, Recency, ReplayStore  # noqa: E402
+from rtb_ray.replay.ring import ColumnRing  # noqa: E402
+from rtb_ray.trajectory import Source, TrajectoryBatch, TrajectoryLayout  # noqa: E402
+
+STEPS = 100  # states are [101, dim] float32
+MB = 1 << 20
+# (dim, rows) stores; batch sizes (MB); insert+sample cycles per batch size; sample(512) calls;
+# rows sealed to disk and reopened; RSS loop: (store capacity MB, passes through it)
+QUICK = {"configs": [(2, 10_000), (2, 1_000_000), (64, 10_000)], "batch_mb": [1.0, 4.0],
+         "cycles": 40, "latency_reps": 400, "seal_rows": 200_000, "rss": (64, 6)}
+FULL = {"configs": [(d, n) for d in (2, 16, 64) for n in (10_000, 100_000, 1_000_000)],
+        "batch_mb": [1.0, 4.0, 16.0], "cycles": 200, "latency_reps": 3000,
+        "seal_rows": 1_000_000, "rss": (256, 10)}
+
+
+def make_batch(b: int, dim: int, seed: int = 0) -> TrajectoryBatch:
+    gen = torch.Generator().manual_seed(seed)
+    source = Source(seed % 4)
+    return TrajectoryBatch.make(torch.randn(b, STEPS + 1, dim, generator=gen),
+                                torch.randn(b, generator=gen), torch.randn(b, generator=gen),
+                                torch.randn(b, generator=gen), source, seed)
+
+
+def tensor_bytes(batch: TrajectoryBatch) -> int:
+    tensors = [batch.states, batch.log_reward, batch.log_prior, batch.log_behaviour,
+               batch.source, batch.policy_version]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def fill(store: ReplayStore, rows: int, dim: int, chunk_bytes: int = 8 * MB) -> float:
+    """Insert ``rows`` rows; returns the wall time (first touch of the ring's pages included)."""
+    b = max(1, min(rows, chunk_bytes // (4 * (STEPS + 1) * dim)))
+    batch = make_batch(b, dim)
+    t0 = time.perf_counter()
+    for start in range(0, rows, b):
+        store.insert(batch.index(slice(0, min(b, rows - start)))).raise_for_status()
+    return time.perf_counter() - t0
+
+
+def memcpy_gbps(nbytes: int, reps: int) -> tuple[float, float]:
+    src, dst = np.ones(nbytes, np.uint8), np.empty(nbytes, np.uint8)
+    np.copyto(dst, src)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        np.copyto(dst, src)
+    hot = nbytes * reps / (time.perf_counter() - t0) / 1e9
+    slices = max(2, (256 * MB) // nbytes)
+    big = np.ones(slices * nbytes, np.uint8)
+    t0 = time.perf_counter()
+    for i in range(reps):
+        j = (i * 7919) % slices
+        np.copyto(dst, big[j * nbytes:(j + 1) * nbytes])
+    cold = nbytes * reps / (time.perf_counter() - t0) / 1e9
+    return hot, cold
+
+
+def percentiles_ms(seconds: list[float]) -> dict[str, float]:
+    a = np.array(seconds) * 1e3
+    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
+            "mean_ms": float(a.mean())}
+
+
+def batch_rows(rows: int, dim: int, batch_mb: float) -> int:
+    return max(1, min(rows // 4, round(batch_mb * MB / (4 * (STEPS + 1) * dim))))
+
+
+def throughput(store: ReplayStore, dim: int, rows: int, b: int, cycles: int) -> dict:
+    batch = make_batch(b, dim, seed=1)
+    nbytes = tensor_bytes(batch)
+    store.insert(batch).raise_for_status()  # warm up
+    store.sample(b)
+    insert_s = sample_s = 0.0
+    for _ in range(cycles):
+        t0 = time.perf_counter()
+        store.insert(batch).raise_for_status()
+        t1 = time.perf_counter()
+        store.sample(b)
+        t2 = time.perf_counter()
+        insert_s += t1 - t0
+        sample_s += t2 - t1
+    hot, cold = memcpy_gbps(nbytes, cycles * 2)
+
+    # the same memory traffic in plain numpy, on the store's own ring (the store is done)
+    ring = store._ring.tensors["states"]
+    states = batch.states.numpy()
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    for i in range(cycles):
+        at = (i * b) % (len(ring) - b)
+        ring[at:at + b] = states
+        ring.take(rng.integers(0, len(ring), b), axis=0)
+    numpy_s = time.perf_counter() - t0
+    moved = 2 * nbytes * cycles
+    total = moved / (insert_s + sample_s) / 1e9
+    return {
+        "dim": dim, "rows": rows, "batch_rows": b, "batch_mb": nbytes / MB,
+        "insert_gbps": nbytes * cycles / insert_s / 1e9,
+        "sample_gbps": nbytes * cycles / sample_s / 1e9,
+        "insert_trajectories_per_s": b * cycles / insert_s,
+        "sample_trajectories_per_s": b * cycles / sample_s,
+        "throughput_gbps": total, "memcpy_gbps": hot, "memcpy_cold_gbps": cold,
+        "numpy_equivalent_gbps": 2 * states.nbytes * cycles / numpy_s / 1e9,
+        "ratio_to_memcpy": total / hot, "ratio_to_memcpy_cold": total / cold,
+    }
+
+
+def latency(store: ReplayStore, reps: int, n: int = 512) -> dict:
+    ring = store._ring.tensors["states"]
+    capacity = len(ring)
+    for _ in range(20):
+        store.sample(n)
+    store_s, picked = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        b = store.sample(n)
+        store_s.append(time.perf_counter() - t0)
+        picked.append(b.extras["id"].numpy() % capacity)  # no quarantine here: id == sequence
+    numpy_s = []
+    for idx in picked:
+        t0 = time.perf_counter()
+        ring[idx]
+        numpy_s.append(time.perf_counter() - t0)
+    out = {"batch": n, "rows": store.size, "store": percentiles_ms(store_s),
+           "numpy_fancy_indexing": percentiles_ms(numpy_s)}
+    out["ratio_p99"] = out["store"]["p99_ms"] / out["numpy_fancy_indexing"]["p99_ms"]
+    return out
+
+
+def other_samplers(store: ReplayStore, dim: int, reps: int, n: int = 512) -> dict:
+    samplers = {"prioritised": Prioritised(0.01), "recency": Recency(store.size / 10),
+                "mixture": Mixture({"posterior": 0.5, "prior": 0.25, "backward": 0.25})}
+    out = {}
+    for name, sampler in samplers.items():
+        store.sample(n, sampler=sampler)  # builds the rank index once
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            store.sample(n, sampler=sampler)
+            times.append(time.perf_counter() - t0)
+        out[name] = percentiles_ms(times)
+    small = make_batch(256, dim, seed=5)  # rank index merge after every insert
+    times = []
+    for _ in range(max(5, reps // 5)):
+        store.insert(small)
+        t0 = time.perf_counter()
+        store.sample(n, sampler=samplers["prioritised"])
+        times.append(time.perf_counter() - t0)
+    out["prioritised_after_insert"] = percentiles_ms(times)
+    return out
+
+
+def seal_and_reopen(directory: Path, rows: int, dim: int) -> dict:
+    shutil.rmtree(directory, ignore_errors=True)
+    store = ReplayStore(directory, capacity_trajectories=rows)
+    t0 = time.perf_counter()
+    fill(store, rows, dim, chunk_bytes=MB)
+    insert_s = time.perf_counter() - t0
+    store.close()
+    wall_s = time.perf_counter() - t0
+    stats = store.stats()
+    del store
+    gc.collect()
+    t0 = time.perf_counter()
+    reopened = ReplayStore(directory, capacity_trajectories=rows)
+    reopen_s = time.perf_counter() - t0
+    assert reopened.size == rows and reopened.stats()["corrupt_segments"] == 0
+    reopened.close()
+    del reopened
+    shutil.rmtree(directory, ignore_errors=True)
+    return {
+        "dim": dim, "rows": rows, "disk_mb": stats["sealed_bytes"] / MB,
+        "segments": stats["sealed_segments"],
+        "seal_mbps": stats["sealed_bytes"] / MB / stats["seal_seconds"],
+        "insert_with_sealing_mbps": stats["sealed_bytes"] / MB / insert_s,
+        "insert_then_close_wall_s": wall_s,
+        "reopen_s": reopen_s, "reopen_mbps": stats["sealed_bytes"] / MB / reopen_s,
+        "note": "reopen reads from the page cache (files just written); it verifies checksums",
+    }
+
+
+def rss_loop(capacity_mb: int, passes: int, dim: int = 16) -> dict:
+    process = psutil.Process()
+    gc.collect()
+    base = process.memory_info().rss
+    store = ReplayStore(capacity_trajectories=10**9, capacity_bytes=capacity_mb * MB)
+    batch = make_batch(max(1, (4 * MB) // (4 * (STEPS + 1) * dim)), dim)
+    per_pass = math.ceil(store_capacity_rows(capacity_mb, dim) / len(batch))
+    samples = []
+    for p in range(passes):
+        for _ in range(per_pass):
+            store.insert(batch).raise_for_status()
+        samples.append((process.memory_info().rss - base) / MB)
+    stats = store.stats()
+    return {"capacity_mb": capacity_mb, "inserted_mb": stats["inserted"] * tensor_bytes(
+            batch) / len(batch) / MB, "store_nbytes_mb": stats["nbytes"] / MB,
+            "rss_growth_mb_per_pass": [round(s, 1) for s in samples],
+            "max_rss_growth_mb": max(samples),
+            "bounded": max(samples) <= 1.1 * capacity_mb + 32}
+
+
+def store_capacity_rows(capacity_mb: int, dim: int) -> int:
+    return capacity_mb * MB // ColumnRing.row_nbytes(TrajectoryLayout((STEPS + 1, dim)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes (~10 s; the full run takes 1-2 min and up to 6 GiB)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()),
+                        help="where the sealing/reopen test writes (deleted afterwards)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    quick = args.quick
+    budget = min(6 << 30, psutil.virtual_memory().available // 2)
+    size = QUICK if quick else FULL
+    configs, batch_mbs, cycles = size["configs"], size["batch_mb"], size["cycles"]
+    reps, seal_rows, rss = size["latency_reps"], size["seal_rows"], size["rss"]
+
+    result: dict = {
+        "mode": "quick" if quick else "full",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(), "numpy": np.__version__,
+                    "pyarrow": pa.__version__, "torch": torch.__version__,
+                    "load_average_at_start": os.getloadavg()},
+        "throughput": [], "latency": None, "samplers": None, "skipped": [],
+    }
+    result["rss"] = mem = rss_loop(*rss)  # first, so RSS growth is the store's own
+    print(f"RSS growth over {len(mem['rss_growth_mb_per_pass'])} passes through a "
+          f"{mem['capacity_mb']} MB store: {mem['rss_growth_mb_per_pass']} MB\n")
+    print(f"{'dim':>4} {'rows':>9} {'batch MB':>8} {'insert':>7} {'sample':>7} {'ins+smp':>7} "
+          f"{'memcpy':>7} {'ratio':>6} {'cold cp':>7} {'numpy':>7}   (GB/s)")
+    for dim, rows in configs:
+        nbytes = rows * ColumnRing.row_nbytes(TrajectoryLayout((STEPS + 1, dim)))
+        if nbytes > budget:
+            result["skipped"].append({"dim": dim, "rows": rows, "reason":
+                                      f"{nbytes / 2**30:.1f} GiB over the memory budget"})
+            continue
+        store = ReplayStore(capacity_trajectories=rows, seed=0)
+        fill_s = fill(store, rows, dim)
+        if dim == 2 and rows == max(n for d, n in configs if d == 2):
+            result["latency"] = latency(store, reps)
+            result["samplers"] = other_samplers(store, dim, max(20, reps // 20))
+        for b in sorted({batch_rows(rows, dim, mb) for mb in batch_mbs}):
+            r = throughput(store, dim, rows, b, cycles)
+            r["fill_gbps"] = nbytes / fill_s / 1e9
+            result["throughput"].append(r)
+            print(f"{dim:>4} {rows:>9} {r['batch_mb']:>8.2f} {r['insert_gbps']:>7.2f} "
+                  f"{r['sample_gbps']:>7.2f} {r['throughput_gbps']:>7.2f} {r['memcpy_gbps']:>7.2f} "
+                  f"{r['ratio_to_memcpy']:>6.2f} {r['memcpy_cold_gbps']:>7.2f} "
+                  f"{r['numpy_equivalent_gbps']:>7.2f}")
+        del store
+        gc.collect()
+
+    lat = result["latency"]
+    print(f"\nsample(512) at {lat['rows']} rows of 2x101: store p50 {lat['store']['p50_ms']:.3f} "
+          f"p99 {lat['store']['p99_ms']:.3f} ms; numpy fancy indexing p50 "
+          f"{lat['numpy_fancy_indexing']['p50_ms']:.3f} p99 "
+          f"{lat['numpy_fancy_indexing']['p99_ms']:.3f} ms (ratio p99 {lat['ratio_p99']:.2f})")
+    for name, t in result["samplers"].items():
+        print(f"  {name:>24}: p50 {t['p50_ms']:.3f} p99 {t['p99_ms']:.3f} ms")
+
+    result["seal"] = seal_and_reopen(args.tmp / f"rtb-ray-replay-bench-{os.getpid()}",
+                                     seal_rows, 2)
+    s = result["seal"]
+    print(f"\nsealing {s['rows']} rows ({s['disk_mb']:.0f} MB, {s['segments']} segments): "
+          f"{s['seal_mbps']:.0f} MB/s (write+fsync, background); reopen {s['reopen_s']:.2f} s "
+          f"({s['reopen_mbps']:.0f} MB/s)")
+
+    big = [t for t in result["throughput"] if t["batch_mb"] >= 1.0]
+    worst = min(big, key=lambda t: t["ratio_to_memcpy"])
+    result["summary"] = {
+        "throughput_gbps": worst["throughput_gbps"],
+        "memcpy_gbps": worst["memcpy_gbps"],
+        "throughput_ratio": worst["ratio_to_memcpy"],
+        "throughput_config": {k: worst[k] for k in ("dim", "rows", "batch_rows", "batch_mb")},
+        "throughput_ratio_to_cold_memcpy": worst["ratio_to_memcpy_cold"],
+        "throughput_ratio_to_numpy_equivalent":
+            worst["throughput_gbps"] / worst["numpy_equivalent_gbps"],
+        "best_throughput_ratio": max(t["ratio_to_memcpy"] for t in big),
+        "p99_sample_ms": lat["store"]["p99_ms"],
+        "numpy_p99_sample_ms": lat["numpy_fancy_indexing"]["p99_ms"],
+        "p99_ratio_to_numpy": lat["ratio_p99"],
+        "latency_rows": lat["rows"],
+        "seal_mbps": s["seal_mbps"],
+        "reopen_s": s["reopen_s"],
+        "max_rss_growth_mb": mem["max_rss_growth_mb"],
+        "rss_capacity_mb": mem["capacity_mb"],
+        "acceptance": {
+            "throughput_ge_half_memcpy": worst["ratio_to_memcpy"] >= 0.5,
+            "p99_le_2ms": lat["store"]["p99_ms"] <= 2.0,
+            "p99_le_3x_numpy": lat["ratio_p99"] <= 3.0,
+            "rss_bounded": mem["bounded"],
+        },
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / ("replay_quick.json" if quick else "replay.json")
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path)
+    print(f"\nsummary: {json.dumps(result['summary'], indent=2)}\nwritten to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Sealed segments on disk: Arrow IPC files and a JSON manifest holding their checksums.
+
+A store directory::
+
+    _manifest.json              format, layout, next_id, and per segment: file, rows, bytes,
+                                first_id, last_id, crc32
+    _lock                       held (flock) by the store that has the directory open
+    segment-00000000.arrow      Arrow IPC file of the trajectory schema
+    .segment-00000001.arrow.tmp being written: hidden, deleted on open
+    _corrupt-segment-….arrow    failed its checksum: set aside, hidden
+
+``pyarrow.dataset`` ignores names starting with "." or "_", so
+``pyarrow.dataset.dataset(directory, format="ipc")`` sees exactly the sealed segments.
+
+Writing a segment: temporary name, crc32 computed while writing, fsync, rename, fsync of the
+directory; then the manifest the same way. A crash at any point leaves either no file under a
+segment name or a complete one; a complete segment that the manifest does not list yet (a crash
+between the two renames) is read back in full on open and adopted if it is a valid file of the
+store's layout, else set aside.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import time
+import warnings
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from rtb_ray.trajectory import TrajectoryLayout, validate_record_batch
+
+MANIFEST = "_manifest.json"
+LOCK = "_lock"
+FORMAT = "rtb-ray-replay"
+VERSION = 1
+_SEGMENT_NAME = re.compile(r"segment-(\d{8})\.arrow")
+
+
+class CorruptSegmentWarning(UserWarning):
+    """A segment failed its checksum or could not be read; it was skipped and set aside."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    file: str
+    rows: int
+    bytes: int
+    first_id: int
+    last_id: int
+    crc32: int
+
+
+class _Crc32Writer:
+    """A binary file that checksums everything written through it (wrapped by pa.PythonFile)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.crc32, self.closed = f, 0, False
+
+    def write(self, data) -> int:
+        self.crc32 = zlib.crc32(data, self.crc32)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def close(self) -> None:
+        self.closed = True  # the owner closes the real file
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: Path, write) -> int:
+    """``write(file)`` to a hidden temporary name, fsync, rename onto ``path``; returns crc32."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        sink = _Crc32Writer(f)
+        write(sink)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return sink.crc32
+
+
+class SegmentDirectory:
+    def __init__(self, path: Path | str, layout: TrajectoryLayout | None = None) -> None:
+        """Open (or create) a store directory, recovering from any crash; see the module doc."""
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        # one store per directory: a second one would delete the first one's temporary files
+        self._lock_file = open(self.path / LOCK, "a")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise RuntimeError(f"{self.path} is already open in another replay store") from None
+        try:
+            self._recover(layout)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the directory (the lock goes with the process too, even on SIGKILL)."""
+        self._lock_file.close()
+
+    def _recover(self, layout: TrajectoryLayout | None) -> None:
+        self.layout = layout
+        self.segments: list[Segment] = []
+        self.next_id = 0
+        self.next_segment = 0
+        self.corrupt = 0  # segments set aside since this directory was opened
+        for leftover in self.path.glob(".*.tmp"):  # a crash mid-write: never visible, drop
+            leftover.unlink()
+        manifest = self.path / MANIFEST
+        if manifest.exists():
+            self._load_manifest(json.loads(manifest.read_text()), layout)
+        changed = self._adopt_orphans()
+        for segment in [s for s in self.segments if not (self.path / s.file).exists()]:
+            self._drop(segment, "is listed in the manifest but missing")
+            changed = True
+        if changed:
+            self.write_manifest()
+
+    # -- manifest ------------------------------------------------------------------------------
+    def _load_manifest(self, manifest: dict, layout: TrajectoryLayout | None) -> None:
+        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+            raise ValueError(f"{self.path / MANIFEST}: not a {FORMAT} v{VERSION} manifest")
+        if manifest["layout"] is not None:  # None: nothing was ever sealed
+            stored = TrajectoryLayout.from_json(manifest["layout"])
+            if layout is not None:
+                try:
+                    stored.check(layout)
+                except ValueError as e:
+                    raise ValueError(f"{self.path} holds another layout: {e}") from None
+            self.layout = stored
+        self.segments = [Segment(**s) for s in manifest["segments"]]
+        self.next_id = manifest["next_id"]
+        self.next_segment = manifest["next_segment"]
+
+    def write_manifest(self) -> None:
+        manifest = {
+            "format": FORMAT, "version": VERSION,
+            "layout": None if self.layout is None else self.layout.to_json(),
+            "next_id": self.next_id, "next_segment": self.next_segment,
+            "segments": [asdict(s) for s in self.segments],
+        }
+        data = json.dumps(manifest, indent=1).encode()
+        _write_atomically(self.path / MANIFEST, lambda f: f.write(data))
+
+    # -- writing -------------------------------------------------------------------------------
+    def write(self, batches: list[pa.RecordBatch], next_id: int) -> Segment:
+        """Seal ``batches`` as the next segment and list it in the manifest."""
+        schema = batches[0].schema
+        if self.layout is None:
+            self.layout = TrajectoryLayout.from_schema(schema)
+        name = f"segment-{self.next_segment:08d}.arrow"
+
+        def write_ipc(f) -> None:
+            with pa.ipc.new_file(pa.PythonFile(f, mode="w"), schema) as writer:
+                for batch in batches:
+                    writer.write_batch(batch)
+
+        crc = _write_atomically(self.path / name, write_ipc)
+        ids = [b.column("id") for b in batches]
+        segment = Segment(file=name, rows=sum(b.num_rows for b in batches),
+                          bytes=(self.path / name).stat().st_size, first_id=ids[0][0].as_py(),
+                          last_id=ids[-1][-1].as_py(), crc32=crc)
+        self.segments.append(segment)
+        self.next_segment += 1
+        self.next_id = max(self.next_id, next_id, segment.last_id + 1)
+        self.write_manifest()
+        return segment
+
+    # -- reading -------------------------------------------------------------------------------
+    def _read(self, file: str) -> tuple[pa.Buffer, int]:
+        with pa.OSFile(str(self.path / file)) as f:
+            data = f.read_buffer()
+        return data, zlib.crc32(data)
+
+    def read(self, segment: Segment) -> pa.Table | None:
+        """The verified rows of a segment, or None (with a warning) if it is corrupt."""
+        try:
+            data, crc = self._read(segment.file)
+            if crc != segment.crc32:
+                raise ValueError(f"checksum mismatch: crc32 {crc:#010x}, "
+                                 f"manifest says {segment.crc32:#010x}")
+            table = pa.ipc.open_file(data).read_all()
+            if table.num_rows != segment.rows:
+                raise ValueError(f"{table.num_rows} rows, manifest says {segment.rows}")
+        except (OSError, pa.ArrowException, ValueError) as e:
+            self._set_aside(segment.file, str(e))
+            self.segments.remove(segment)
+            self.write_manifest()
+            return None
+        return table
+
+    def verify_all(self) -> int:
+        """Read every segment and set aside the corrupt ones; returns how many were."""
+        before = self.corrupt
+        for segment in list(self.segments):
+            self.read(segment)
+        return self.corrupt - before
+
+    # -- recovery ------------------------------------------------------------------------------
+    def _adopt_orphans(self) -> bool:
+        listed = {s.file for s in self.segments}
+        orphans = sorted(p.name for p in self.path.iterdir()
+                         if _SEGMENT_NAME.fullmatch(p.name) and p.name not in listed)
+        for file in orphans:
+            number = int(_SEGMENT_NAME.fullmatch(file).group(1))
+            self.next_segment = max(self.next_segment, number + 1)  # never reuse a name
+            try:
+                data, crc = self._read(file)
+                table = pa.ipc.open_file(data).read_all()
+                table.validate(full=True)
+                if table.num_rows == 0:
+                    raise ValueError("no rows")
+                for batch in table.to_batches():
+                    validate_record_batch(batch, self.layout)
+                if self.layout is None:
+                    self.layout = TrajectoryLayout.from_schema(table.schema)
+            except (OSError, pa.ArrowException, ValueError) as e:
+                self._set_aside(file, str(e))
+                continue
+            ids = table.column("id")
+            self.segments.append(Segment(file, table.num_rows, (self.path / file).stat().st_size,
+                                         ids[0].as_py(), ids[-1].as_py(), crc))
+            self.next_id = max(self.next_id, ids[-1].as_py() + 1)
+        return bool(orphans)
+
+    def _set_aside(self, file: str, reason: str) -> None:
+        path = self.path / file
+        aside = path.with_name(f"_corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{file}")
+        if path.exists():
+            os.replace(path, aside)
+        self.corrupt += 1
+        warnings.warn(f"replay segment {path} is corrupt ({reason}): skipped, moved to "
+                      f"{aside.name}", CorruptSegmentWarning, stacklevel=3)
+
+    def _drop(self, segment: Segment, reason: str) -> None:
+        self.segments.remove(segment)
+        self.corrupt += 1
+        warnings.warn(f"replay segment {self.path / segment.file} {reason}: skipped",
+                      CorruptSegmentWarning, stacklevel=3)

@@ -1,0 +1,497 @@
+"""The replay store: every rollout lands here and every gradient comes from here.
+
+In memory, rows live in a ring of preallocated numpy columns (ring.py): bounded by
+``capacity_trajectories`` and ``capacity_bytes``, oldest evicted first. With a directory, a
+background thread seals every ``segment_rows`` rows into an Arrow IPC segment (segments.py) and
+the store never overwrites a row before it is on disk; reopening the directory reloads the newest
+rows up to capacity and continues the ids. Inserts and samples are paced by a rate limiter
+(rate_limiter.py) and drawn by a sampler (samplers.py). One lock guards the state; the work done
+under it is the copy in, the index draw and the gather out.
+
+Bad input (docs/REPLAY.md):
+
+- **rejected whole** — wrong type, missing/unexpected field, wrong column type, states or cond
+  of another shape or dtype than the store's, nulls, unknown source, a batch too large for the
+  capacity. The store is unchanged, ``rejected_batches`` counts it, ``insert`` returns
+  ``REJECTED`` with a reason naming the field.
+- **quarantined rows** — rows whose ``log_reward``, ``log_prior`` or ``log_behaviour`` is NaN or
+  ±inf. They get ids, are counted (``quarantined_rows``) and kept aside in memory (the newest
+  ``quarantine_capacity``, see ``quarantined()``), and are never sampled nor written to disk.
+  The batch's other rows are inserted.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from rtb_ray.replay.rate_limiter import RateLimiter
+from rtb_ray.replay.ring import ColumnRing, RankIndex, SourceIndex
+from rtb_ray.replay.samplers import Sampler, Uniform
+from rtb_ray.replay.segments import SegmentDirectory
+from rtb_ray.trajectory import (
+    TrajectoryBatch,
+    TrajectoryColumns,
+    TrajectoryLayout,
+    as_record_batch,
+    columns_from_arrow,
+    columns_from_batch,
+)
+
+DEFAULT_SEGMENT_BYTES = 64 << 20
+
+
+class InsertStatus(str, Enum):
+    INSERTED = "inserted"  # the finite rows are in (some may have been quarantined)
+    THROTTLED = "throttled"  # timed out waiting for the learner (or the disk); nothing changed
+    REJECTED = "rejected"  # bad batch; nothing changed
+
+
+@dataclass(frozen=True)
+class InsertResult:
+    status: InsertStatus
+    inserted: int = 0
+    quarantined: int = 0
+    first_id: int | None = None  # the batch's rows got ids first_id, first_id + 1, ... in order
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == InsertStatus.INSERTED
+
+    def raise_for_status(self) -> "InsertResult":
+        if self.status == InsertStatus.REJECTED:
+            raise ValueError(f"batch rejected: {self.reason}")
+        if self.status == InsertStatus.THROTTLED:
+            raise TimeoutError(f"insert throttled: {self.reason}")
+        return self
+
+
+class SampleTimeout(TimeoutError):
+    """Too little data to sample (or the writers lag the target ratio) until the timeout."""
+
+
+class _Names:
+    """The store-wide dictionary of run / worker names."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self._codes: dict[str, int] = {}
+
+    def codes(self, names: list[str]) -> np.ndarray:
+        """Store codes of ``names`` (a batch's dictionary), adding the new ones."""
+        for name in names:
+            if name not in self._codes:
+                self._codes[name] = len(self.names)
+                self.names.append(name)
+        return np.array([self._codes[name] for name in names], np.int32)
+
+
+class _StoreRows:
+    """The stored rows as samplers see them (samplers.Rows)."""
+
+    def __init__(self, store: "ReplayStore", seqs: np.ndarray | None = None,
+                 codes: tuple[int, ...] = ()) -> None:
+        self._store, self._seqs, self._codes = store, seqs, codes
+        self.count = store.size if seqs is None else len(seqs)
+
+    def at(self, positions: np.ndarray) -> np.ndarray:
+        return self._store._start + positions if self._seqs is None else self._seqs[positions]
+
+    def ranked(self) -> np.ndarray:
+        s = self._store
+        ranked = s._ranks.ranked(s._ring, s._start, s._stop)
+        if self._seqs is None:
+            return ranked
+        return ranked[np.isin(s._ring.meta["source"][ranked % s._ring.capacity], self._codes)]
+
+    def of_sources(self, codes: tuple[int, ...]) -> "_StoreRows":
+        s = self._store
+        return _StoreRows(s, s._sources.rows_of(s._ring, codes, s._start, s._stop), codes)
+
+
+class ReplayStore:
+    def __init__(
+        self,
+        directory: str | Path | None = None,
+        *,
+        capacity_trajectories: int = 1_000_000,
+        capacity_bytes: int | None = None,
+        segment_rows: int | None = None,
+        layout: TrajectoryLayout | None = None,
+        run: str = "",
+        samples_per_insert: float | None = None,
+        error_buffer: float | None = None,
+        min_size_to_sample: int = 1,
+        sampler: Sampler | None = None,
+        seed: int = 0,
+        quarantine_capacity: int = 1024,
+    ) -> None:
+        """A store of at most ``capacity_trajectories`` rows and ``capacity_bytes`` bytes (of
+        all columns). ``directory``: where sealed segments go (None: memory only); an existing
+        store directory is reopened. ``segment_rows``: rows per segment (default ≈ 64 MiB).
+        ``layout``: the states' shape and dtype, else taken from the directory or the first
+        insert. ``run``: the run name written with rows inserted as TrajectoryBatch. The rate
+        limiter (rate_limiter.py): ``samples_per_insert`` (None: no ratio) with
+        ``error_buffer``, and ``min_size_to_sample``. ``sampler``: the default sampler
+        (uniform); ``seed`` makes sampling deterministic."""
+        if capacity_trajectories < 1:
+            raise ValueError(f"capacity_trajectories must be >= 1 (got {capacity_trajectories})")
+        if segment_rows is not None and segment_rows < 1:
+            raise ValueError(f"segment_rows must be >= 1 (got {segment_rows})")
+        self.run = run
+        self.sampler = sampler or Uniform()
+        self._capacity_trajectories = capacity_trajectories
+        self._capacity_bytes = capacity_bytes
+        self._segment_rows_wanted = segment_rows
+        self._limiter = RateLimiter(samples_per_insert, error_buffer, min_size_to_sample)
+        self._rng = np.random.default_rng(seed)
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # any change of sizes, counters, state
+        self._layout: TrajectoryLayout | None = None
+        self._ring: ColumnRing | None = None
+        self._ranks = RankIndex()
+        self._sources = SourceIndex()
+        self._runs, self._workers = _Names(), _Names()
+        self._start = self._stop = 0  # the rows held have sequence numbers [start, stop)
+        self._sealed = 0  # rows below this sequence number are on disk
+        self._flush_to = 0
+        self._next_id = 0
+        self._closing = False
+        self._seal_error: BaseException | None = None
+        self._quarantine: deque[pa.RecordBatch] = deque()
+        self._quarantine_capacity = quarantine_capacity
+        self._counters = dict.fromkeys(
+            ["inserted", "sampled", "evicted", "loaded", "rejected_batches", "quarantined_rows",
+             "throttled_inserts", "sample_timeouts", "sealed_segments", "sealed_rows",
+             "sealed_bytes"], 0)
+        self._seal_seconds = 0.0
+
+        self._disk: SegmentDirectory | None = None
+        self._disk_lock = threading.Lock()  # the manifest has one writer at a time
+        self._sealer: threading.Thread | None = None
+        if directory is not None:
+            self._disk = SegmentDirectory(directory, layout)
+            layout = self._disk.layout
+            self._next_id = self._disk.next_id
+        try:
+            if layout is not None:
+                self._allocate(layout)
+                if self._disk is not None:
+                    self._load()
+        except BaseException:
+            if self._disk is not None:
+                self._disk.close()  # release the directory
+            raise
+        if self._disk is not None:
+            self._sealer = threading.Thread(target=self._seal_loop, name="replay-sealer",
+                                            daemon=True)
+            self._sealer.start()
+
+    # -- sizes ---------------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self._stop - self._start
+
+    @property
+    def layout(self) -> TrajectoryLayout | None:
+        return self._layout
+
+    @property
+    def capacity(self) -> int | None:
+        """Rows the store holds at most (known once the layout is)."""
+        return None if self._ring is None else self._ring.capacity
+
+    def _allocate(self, layout: TrajectoryLayout) -> None:
+        row_nbytes = ColumnRing.row_nbytes(layout)
+        rows = self._capacity_trajectories
+        if self._capacity_bytes is not None:
+            rows = min(rows, self._capacity_bytes // row_nbytes)
+        if rows < 1:
+            raise ValueError(f"capacity_bytes={self._capacity_bytes} holds no row of "
+                             f"{row_nbytes} bytes")
+        if self._limiter.min_size_to_sample > rows:
+            raise ValueError(f"min_size_to_sample={self._limiter.min_size_to_sample} is more "
+                             f"than the capacity ({rows} rows)")
+        segment_rows = self._segment_rows_wanted
+        if segment_rows is None:
+            segment_rows = min(max(1, DEFAULT_SEGMENT_BYTES // row_nbytes), max(1, rows // 2))
+        elif self._disk is not None and segment_rows > max(1, rows // 2):
+            raise ValueError(f"segment_rows={segment_rows} must be at most half the capacity "
+                             f"({rows} rows)")
+        self._segment_rows = segment_rows
+        # with a directory, unsealed rows (< segment_rows) may not be overwritten
+        self._max_batch_rows = rows if self._disk is None else rows - segment_rows + 1
+        self._layout = layout
+        self._ring = ColumnRing(layout, rows)
+
+    def _load(self) -> None:
+        """Reload the newest sealed rows, up to capacity (checksums verified)."""
+        tables, rows = [], 0
+        for segment in reversed(list(self._disk.segments)):
+            if rows >= self._ring.capacity:
+                break
+            table = self._disk.read(segment)  # None, with a warning, if corrupt
+            if table is not None:
+                tables.append(table)
+                rows += table.num_rows
+        if not tables:
+            return
+        table = pa.concat_tables(tables[::-1])
+        table = table.slice(max(0, table.num_rows - self._ring.capacity))
+        for batch in table.to_batches():
+            self._write(columns_from_arrow(batch, self._layout))
+        self._sealed = self._stop
+        self._counters["loaded"] = self._stop
+        self._limiter.warm_start(self.size)
+
+    # -- insert --------------------------------------------------------------------------------
+    def insert(
+        self,
+        batch: TrajectoryBatch | pa.RecordBatch | pa.Table,
+        *,
+        worker: str = "",
+        timeout: float | None = None,
+    ) -> InsertResult:
+        """Insert trajectories; waits (up to ``timeout`` seconds, None: no limit) while the rate
+        limiter or the sealing of segments holds writers back, then returns THROTTLED. Arrow
+        input carries its own run and worker; ids are always assigned by the store."""
+        try:
+            rows = self._columns(batch, worker)
+        except ValueError as e:
+            with self._lock:
+                return self._reject(str(e))
+        finite = np.isfinite(rows.log_reward) & np.isfinite(rows.log_prior)
+        finite &= np.isfinite(rows.log_behaviour)
+        all_finite = bool(finite.all())
+        good = rows if all_finite else rows.take(finite)
+        with self._lock:
+            self._check_open()
+            try:
+                self._accept_layout(rows.layout)
+            except ValueError as e:
+                return self._reject(str(e))
+            if len(good) > self._max_batch_rows:
+                return self._reject(f"{len(good)} rows is more than the {self._max_batch_rows} "
+                                    f"this store takes in one batch (capacity {self.capacity})")
+            if len(good) and not self._changed.wait_for(lambda: self._may_insert(len(good)),
+                                                        timeout):
+                self._counters["throttled_inserts"] += 1
+                return InsertResult(InsertStatus.THROTTLED, reason=self._why_throttled(timeout))
+            self._check_open()
+            first_id = self._next_id
+            self._next_id += len(rows)
+            ids = np.arange(first_id, self._next_id, dtype=np.int64)
+            if len(good):
+                self._write(replace(good, id=ids if all_finite else ids[finite]))
+                self._limiter.on_insert(len(good))
+                self._counters["inserted"] += len(good)
+            if not all_finite:
+                self._keep_aside(replace(rows.take(~finite), id=ids[~finite]))
+            self._changed.notify_all()
+        return InsertResult(InsertStatus.INSERTED, len(good), len(rows) - len(good), first_id)
+
+    def _columns(self, batch: object, worker: str) -> TrajectoryColumns:
+        """Numpy views of the batch, validated (ValueError naming the field)."""
+        if isinstance(batch, TrajectoryBatch):
+            return columns_from_batch(batch, run=self.run, worker=worker)
+        if isinstance(batch, (pa.RecordBatch, pa.Table)):
+            return columns_from_arrow(as_record_batch(batch), self._layout)
+        raise ValueError(f"expected a TrajectoryBatch or a pyarrow RecordBatch/Table, "
+                         f"got {type(batch).__name__}")
+
+    def _accept_layout(self, layout: TrajectoryLayout) -> None:
+        if self._layout is None:  # the first batch fixes the layout
+            self._allocate(layout)
+        else:
+            self._layout.check(layout)
+
+    def _reject(self, reason: str) -> InsertResult:
+        self._counters["rejected_batches"] += 1
+        return InsertResult(InsertStatus.REJECTED, reason=reason)
+
+    def _may_insert(self, rows: int) -> bool:
+        if self._closing or self._seal_error is not None:
+            return True  # wake up to raise
+        if not self._limiter.can_insert(self.size):
+            return False
+        # never overwrite a row that is not on disk yet
+        return self._disk is None or self._stop + rows - self._ring.capacity <= self._sealed
+
+    def _why_throttled(self, timeout: float | None) -> str:
+        if not self._limiter.can_insert(self.size):
+            return (f"no room within {timeout}s: the learner lags (samples_per_insert="
+                    f"{self._limiter.samples_per_insert}, error {self._limiter.error:.0f} > "
+                    f"error_buffer={self._limiter.error_buffer})")
+        return (f"no room within {timeout}s: {self._stop - self._sealed} rows wait to be "
+                f"sealed to disk")
+
+    def _write(self, rows: TrajectoryColumns) -> None:
+        """Append rows (store ids set) to the ring; under the lock."""
+        rows = replace(rows, run=self._runs.codes(rows.run_names)[rows.run],
+                       worker=self._workers.codes(rows.worker_names)[rows.worker])
+        self._ring.write(self._stop, rows)
+        self._stop += len(rows)
+        evicted = max(0, self._stop - self._ring.capacity - self._start)
+        self._start += evicted
+        self._counters["evicted"] += evicted
+
+    def _keep_aside(self, rows: TrajectoryColumns) -> None:
+        self._counters["quarantined_rows"] += len(rows)
+        self._quarantine.append(rows.to_arrow())
+        excess = sum(b.num_rows for b in self._quarantine) - self._quarantine_capacity
+        while excess > 0:
+            oldest = self._quarantine.popleft()
+            if oldest.num_rows > excess:
+                self._quarantine.appendleft(oldest.slice(excess))
+            excess -= oldest.num_rows
+
+    def quarantined(self) -> pa.Table:
+        """The newest quarantined rows (non-finite log_reward / log_prior / log_behaviour)."""
+        with self._lock:
+            batches = list(self._quarantine)
+        return pa.Table.from_batches(batches) if batches else pa.table({})
+
+    # -- sample --------------------------------------------------------------------------------
+    def sample(
+        self, n: int, *, sampler: Sampler | None = None, timeout: float | None = None
+    ) -> TrajectoryBatch:
+        """``n`` trajectories drawn with replacement (ids in ``extras["id"]``); waits up to
+        ``timeout`` seconds (None: no limit) while the store holds fewer than
+        ``min_size_to_sample`` rows or the writers lag the target ratio, then raises
+        SampleTimeout."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1 (got {n})")
+        sampler = sampler or self.sampler
+        with self._lock:
+            ready = lambda: self._closing or self._limiter.can_sample(self.size)  # noqa: E731
+            if not self._changed.wait_for(ready, timeout):
+                self._counters["sample_timeouts"] += 1
+                raise SampleTimeout(f"no sample within {timeout}s: "
+                                    f"{self._limiter.why_not_sample(self.size)}")
+            self._check_open()
+            arrays = self._ring.gather(sampler.draw(_StoreRows(self), n, self._rng))
+            self._limiter.on_sample(n)
+            self._counters["sampled"] += n
+            self._changed.notify_all()
+        return self._as_columns(arrays).to_batch()
+
+    def to_table(self) -> pa.Table:
+        """A copy of the rows held in memory, oldest first (store ids, run and worker names)."""
+        with self._lock:
+            if self._ring is None:
+                return pa.table({})
+            rows = self._as_columns(self._ring.gather(np.arange(self._start, self._stop)))
+        return pa.Table.from_batches([rows.to_arrow()])
+
+    def _as_columns(self, arrays: dict[str, np.ndarray]) -> TrajectoryColumns:
+        return TrajectoryColumns(**{"cond": None, **arrays}, run_names=list(self._runs.names),
+                                 worker_names=list(self._workers.names))
+
+    # -- sealing -------------------------------------------------------------------------------
+    def _seal_range(self) -> tuple[int, int] | None:
+        pending = self._stop - self._sealed
+        if pending == 0:
+            return None
+        if pending >= self._segment_rows:
+            return self._sealed, self._sealed + self._segment_rows
+        if self._closing or self._flush_to > self._sealed:
+            return self._sealed, self._stop
+        return None
+
+    def _seal_loop(self) -> None:
+        """Background thread: write full segments (and, on flush/close, the partial one)."""
+        while True:
+            with self._lock:
+                self._changed.wait_for(lambda: self._closing or self._seal_range() is not None)
+                span = self._seal_range()
+                if span is None:
+                    return  # closing, all sealed
+                # rows >= self._sealed are never overwritten, so these views stay valid
+                pieces = [self._as_columns(v) for v in self._ring.views(*span)]
+                next_id = self._next_id
+            t0 = time.perf_counter()
+            try:
+                with self._disk_lock:
+                    segment = self._disk.write([p.to_arrow() for p in pieces], next_id)
+            except BaseException as e:  # disk full, permissions: surface it to writers
+                with self._lock:
+                    self._seal_error = e
+                    self._changed.notify_all()
+                return
+            with self._lock:
+                self._sealed = span[1]
+                self._seal_seconds += time.perf_counter() - t0
+                self._counters["sealed_segments"] += 1
+                self._counters["sealed_rows"] += segment.rows
+                self._counters["sealed_bytes"] += segment.bytes
+                self._changed.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Seal every row inserted so far (a short segment if needed); False on timeout."""
+        if self._disk is None:
+            return True
+        with self._lock:
+            self._check_open()
+            self._flush_to = self._stop
+            self._changed.notify_all()
+            done = self._changed.wait_for(
+                lambda: self._sealed >= self._flush_to or self._seal_error is not None, timeout)
+            self._check_open()
+            return done
+
+    def verify_segments(self) -> int:
+        """Check every segment on disk (open only checks those it reloads); corrupt ones are
+        set aside with a warning. Returns how many were corrupt."""
+        if self._disk is None:
+            return 0
+        with self._disk_lock:
+            return self._disk.verify_all()
+
+    def _check_open(self) -> None:
+        if self._seal_error is not None:
+            raise RuntimeError(f"sealing a replay segment failed: {self._seal_error!r}")
+        if self._closing:
+            raise RuntimeError("the replay store is closed")
+
+    def close(self) -> None:
+        """Seal what is left and stop; inserts and samples fail from now on."""
+        with self._lock:
+            self._closing = True
+            self._changed.notify_all()
+        if self._sealer is not None:
+            self._sealer.join()
+        if self._disk is not None:
+            self._disk.close()
+
+    def __enter__(self) -> "ReplayStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- counters ------------------------------------------------------------------------------
+    def stats(self) -> dict[str, float | int]:
+        with self._lock:
+            row_nbytes = 0 if self._layout is None else ColumnRing.row_nbytes(self._layout)
+            inserted = self._counters["inserted"]
+            return {
+                **self._counters,
+                "size": self.size,
+                "capacity": self.capacity or 0,
+                "nbytes": self.size * row_nbytes,
+                "capacity_bytes": (self.capacity or 0) * row_nbytes,
+                "unsealed_rows": self._stop - self._sealed if self._disk is not None else 0,
+                "seal_seconds": self._seal_seconds,
+                "corrupt_segments": 0 if self._disk is None else self._disk.corrupt,
+                "next_id": self._next_id,
+                "samples_per_insert": self._counters["sampled"] / inserted if inserted else 0.0,
+                "rate_limiter_error": self._limiter.error,
+            }
