@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ EPILOG = """examples:
   rtb-ray train pipelines/configs/gmm25.yaml --in-process --output runs/gmm25
   rtb-ray train pipelines/configs/gmm25.yaml --set train.steps=2000 --set train.batch_size=128
   rtb-ray train pipelines/configs/gmm25.yaml --output runs/gmm25 --resume
+  rtb-ray train pipelines/configs/gmm25.yaml --tracking-uri http://127.0.0.1:5000 --experiment gmm
   rtb-ray pretrain gmm25
   rtb-ray sample runs/gmm25 --n 10000 --out samples.npz
 """
@@ -51,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --output from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--tracking-uri", metavar="URI",
+                       help="MLflow tracking URI, e.g. http://host:5000 or "
+                            "sqlite:////abs/mlflow.db (default: the SQLite file mlflow.db in the "
+                            "run directory; on --resume, the store the run was started with)")
+    where.add_argument("--no-mlflow", action="store_true",
+                       help="no MLflow tracking (same as --set tracking.enabled=false)")
+    p.add_argument("--experiment", metavar="NAME",
+                   help="MLflow experiment (same as --set tracking.experiment=NAME; default: the "
+                        "task name)")
     _add_overrides(p)
 
     p = sub.add_parser("pretrain", help="pretrain and cache a task's prior",
@@ -80,15 +92,33 @@ def _config_for_target(target: str, overrides: list[str]) -> RunConfig:
     raise ConfigError(f"{target}: neither a config file nor a task with a default config")
 
 
+def tracking_overrides(args: argparse.Namespace) -> list[str]:
+    """The train flags that are config settings, as ``--set`` overrides (validated with them)."""
+    out = []
+    if args.no_mlflow:
+        out.append("tracking.enabled=false")
+    if args.experiment is not None:
+        out.append(f"tracking.experiment={json.dumps(args.experiment)}")  # JSON is YAML: a string
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from rtb_ray.tracking import normalize_tracking_uri
     from rtb_ray.trainer import InProcessTrainer, format_eval
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides + tracking_overrides(args))
+    tracking_uri = normalize_tracking_uri(args.tracking_uri) if args.tracking_uri else None
     output = args.output or Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.resume and args.output is None:
         raise ConfigError("--resume needs --output RUN_DIR")
-    trainer = InProcessTrainer(cfg, output, resume=args.resume, progress=not args.no_progress)
+    trainer = InProcessTrainer(cfg, output, resume=args.resume, progress=not args.no_progress,
+                               tracking_uri=tracking_uri)
     print(f"run directory: {output}")
+    if trainer.tracker is not None:
+        verb = "continues" if trainer.tracker.resumed else "is"
+        print(f"MLflow: this run {verb} run {trainer.tracker.run_id} "
+              f"(experiment {trainer.tracker.experiment_name!r}); open it with\n"
+              f"  {trainer.tracker.ui_hint()}")
     try:
         final = trainer.train()
     except KeyboardInterrupt:

@@ -66,6 +66,9 @@ class TrainConfig(Strict):
         4096, ge=1, description="recent terminal states kept for backward trajectories"
     )
     objective: ObjectiveConfig = ObjectiveConfig()
+    log_every_steps: int = Field(
+        50, ge=1, description="average the step stats over this many steps into one train row"
+    )
 
     @field_validator("sources")
     @classmethod
@@ -87,6 +90,18 @@ class EvalConfig(Strict):
     final_num_samples: int = Field(50_000, ge=10)
 
 
+class TrackingConfig(Strict):
+    """MLflow tracking of a run. Where the runs are stored is not a config setting: by default a
+    SQLite file in the run directory, or ``rtb-ray train --tracking-uri URI``."""
+
+    enabled: bool = True
+    experiment: str | None = Field(
+        None, min_length=1, max_length=500, description="MLflow experiment (default: the task name)"
+    )
+    log_checkpoints: bool = Field(False, description="upload checkpoint.pt at every checkpoint")
+    log_model: bool = Field(True, description="log the final posterior with the PyTorch flavour")
+
+
 class RunConfig(Strict):
     """One experiment. ``task`` holds the task's own settings (validated by the task)."""
 
@@ -97,6 +112,7 @@ class RunConfig(Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint_every_steps: int = Field(1000, ge=1)
+    tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("task", mode="before")
     @classmethod

@@ -8,6 +8,14 @@ Run directory layout (also read by ``rtb-ray sample``):
     eval/step_N.json   evaluation metrics;  eval/step_N.png  a picture of posterior samples
     final_eval.json    the last evaluation, on eval.final_num_samples samples
     checkpoint.pt      learner state, RNG, counters (atomic; loads with weights_only=True)
+    mlflow_run.json    the MLflow run of this training run (unless tracking.enabled is false)
+    mlflow.db, mlartifacts/   the default MLflow store (unless --tracking-uri names another)
+
+MLflow (rtb_ray/tracking.py) receives the same rows: train rows as ``train/<key>`` and eval rows
+as ``eval/<key>`` metrics at the learner step, the eval PNG/JSON files as artifacts under
+``eval/``, the config as params and ``config.yaml``, and at the end ``final_eval.json``,
+``metrics.jsonl`` and the posterior (PyTorch flavour). ``tracking_s`` is the time the loop spent
+in tracker calls, which only enqueue.
 """
 
 from __future__ import annotations
@@ -29,10 +37,10 @@ from rtb_ray.metrics import posterior_metrics, sir_indices
 from rtb_ray.pretrain import atomic_torch_save
 from rtb_ray.rollout import Sampler
 from rtb_ray.tasks import Task, make_task
+from rtb_ray.tracking import MlflowTracker, open_run_tracker
 from rtb_ray.trajectory import Source, TrajectoryBatch
 
 CHECKPOINT_FORMAT = "rtb-ray-run/1"
-LOG_EVERY = 50
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,11 +97,12 @@ class TerminalPool:
 
 @dataclass
 class Clock:
-    """Wall time of the fine-tuning, and how much of it went to evaluation."""
+    """Wall time of the fine-tuning, and how much of it went to evaluation and to tracking."""
 
     start: float = field(default_factory=time.perf_counter)
     offset: float = 0.0  # time already spent before a resume
     eval_s: float = 0.0
+    tracking_s: float = 0.0  # in tracker calls made by the loop (enqueueing metrics, artifacts)
 
     @property
     def wall_s(self) -> float:
@@ -101,7 +110,8 @@ class Clock:
 
 
 class InProcessTrainer:
-    def __init__(self, cfg: RunConfig, output: Path, resume: bool = False, progress: bool = True):
+    def __init__(self, cfg: RunConfig, output: Path, resume: bool = False, progress: bool = True,
+                 tracking_uri: str | None = None):
         self.cfg = cfg
         self.output = Path(output)
         self.progress = progress
@@ -129,6 +139,13 @@ class InProcessTrainer:
         self.target_pool = self.sampler.rollout(
             Source.PRIOR, min(cfg.eval.num_samples, 20_000), generator=torch.Generator().manual_seed(7)
         )
+        # Opened last, so that a run that fails to start leaves no MLflow run behind.
+        self.tracker: MlflowTracker | None = None
+        if cfg.tracking.enabled:
+            self.tracker = open_run_tracker(self.output, cfg, resume=resume,
+                                            tracking_uri=tracking_uri)
+            if resume:
+                self.tracker.set_tags({"resumed_at_step": self.learner.step_count})
 
     # -- one training step ---------------------------------------------------------------------
     def make_batch(self) -> TrajectoryBatch:
@@ -165,9 +182,12 @@ class InProcessTrainer:
                        title=f"step {self.learner.step_count}")
         self.clock.eval_s += time.perf_counter() - t0
         metrics.update(step=self.learner.step_count, wall_s=self.clock.wall_s,
-                       train_s=self.clock.wall_s - self.clock.eval_s, num_samples=n)
+                       train_s=self.clock.wall_s - self.clock.eval_s, num_samples=n,
+                       tracking_s=self.clock.tracking_s)
         write_json(self.output / "eval" / f"{name}.json", metrics)
         self._log({"kind": "eval", **metrics})
+        self._track_artifact(self.output / "eval" / f"{name}.png", "eval")
+        self._track_artifact(self.output / "eval" / f"{name}.json", "eval")
         return metrics
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -180,10 +200,13 @@ class InProcessTrainer:
                 "learner": self.learner.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "rollout": self.gen.get_state()},
                 "pool": {"x": self.pool.x, "log_reward": self.pool.log_reward},
-                "clock": {"wall_s": self.clock.wall_s, "eval_s": self.clock.eval_s},
+                "clock": {"wall_s": self.clock.wall_s, "eval_s": self.clock.eval_s,
+                          "tracking_s": self.clock.tracking_s},
             },
             self.output / "checkpoint.pt",
         )
+        if self.cfg.tracking.log_checkpoints:
+            self._track_artifact(self.output / "checkpoint.pt", "checkpoint")
 
     def _load_checkpoint(self, path: Path) -> None:
         ckpt = load_run_checkpoint(path, self.task.name)
@@ -191,14 +214,78 @@ class InProcessTrainer:
         torch.set_rng_state(ckpt["rng"]["torch"])
         self.gen.set_state(ckpt["rng"]["rollout"])
         self.pool.x, self.pool.log_reward = ckpt["pool"]["x"], ckpt["pool"]["log_reward"]
-        self.clock = Clock(offset=ckpt["clock"]["wall_s"], eval_s=ckpt["clock"]["eval_s"])
+        self.clock = Clock(offset=ckpt["clock"]["wall_s"], eval_s=ckpt["clock"]["eval_s"],
+                           tracking_s=ckpt["clock"].get("tracking_s", 0.0))
 
     def _log(self, row: dict) -> None:
+        """One row to metrics.jsonl and, as ``<kind>/<key>`` metrics at its step, to MLflow."""
         with open(self.output / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.tracker is not None:
+            t0 = time.perf_counter()
+            self.tracker.log_metrics({f"{row['kind']}/{k}": v for k, v in row.items()
+                                      if k not in ("kind", "step") and isinstance(v, (int, float))},
+                                     step=row["step"])
+            self.clock.tracking_s += time.perf_counter() - t0
+
+    def _track_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if self.tracker is not None:
+            t0 = time.perf_counter()
+            self.tracker.log_artifact(path, artifact_path)
+            self.clock.tracking_s += time.perf_counter() - t0
+
+    def model_input_example(self, rows: int = 8) -> dict[str, torch.Tensor]:
+        """Example forward arguments of the posterior network, ``net(x_t, t_index[, cond])``:
+        states of a few target-pool trajectories at different steps."""
+        states = self.target_pool.states
+        n = min(rows, states.shape[0])
+        t_index = torch.arange(n, device=states.device) % (states.shape[1] - 1)
+        example = {"x": states[torch.arange(n, device=states.device), t_index],
+                   "t_index": t_index}
+        if self.target_pool.cond is not None:
+            example["cond"] = self.target_pool.cond[:n]
+        return example
+
+    def _finish_tracking(self) -> None:
+        """End-of-run artifacts and the final posterior: after the loop, never on its path."""
+        if self.tracker is None:
+            return
+        self.tracker.log_artifact(self.output / "final_eval.json")
+        self.tracker.log_artifact(self.output / "metrics.jsonl")
+        if self.cfg.tracking.log_model:
+            try:
+                uri = self.tracker.log_pytorch_model(self.learner.posterior,
+                                                     self.model_input_example(),
+                                                     name="posterior", step=self.learner.step_count)
+                print(f"MLflow: posterior logged as {uri}")
+            except Exception as err:  # the run's results are already on disk: warn, do not fail
+                print(f"rtb-ray: warning: could not log the posterior to MLflow: {err}")
+
+    def close_tracker(self, status: str) -> None:
+        if self.tracker is None:
+            return
+        counters = self.tracker.close(status)
+        if counters.dropped or counters.failed or counters.artifacts_failed:
+            print(f"rtb-ray: warning: MLflow dropped {counters.dropped} and failed to write "
+                  f"{counters.failed} metric points, {counters.artifacts_failed} artifacts "
+                  f"(last error: {self.tracker.last_error})")
 
     # -- the loop ------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
+        """Run to ``train.steps``; the MLflow run ends FINISHED, KILLED (Ctrl-C) or FAILED."""
+        status = "FAILED"
+        try:
+            final = self._train()
+            self._finish_tracking()
+            status = "FINISHED"
+            return final
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            self.close_tracker(status)
+
+    def _train(self) -> dict[str, float]:
         cfg = self.cfg
         if self.learner.step_count == 0:
             self.evaluate(cfg.eval.num_samples, "step_0")
@@ -213,7 +300,7 @@ class InProcessTrainer:
                     window[k].append(v)
                 step = self.learner.step_count
                 bar.update(1)
-                if step % LOG_EVERY == 0:
+                if step % cfg.train.log_every_steps == 0:
                     row = {k: sum(v) / len(v) for k, v in window.items()}
                     window.clear()
                     self._log({"kind": "train", "step": step, "wall_s": self.clock.wall_s, **row})

@@ -1,0 +1,297 @@
+"""MLflow tracking against a real SQLite store: what is logged lands there and reads back."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow.pytorch
+import pytest
+import torch
+from mlflow.entities import LoggedModelStatus
+from mlflow.tracking import MlflowClient
+
+from rtb_ray.cli import build_parser, main, tracking_overrides
+from rtb_ray.config import ConfigError, load_config, validate_config
+from rtb_ray.networks import TimeMLP
+from rtb_ray.tracking import (
+    MAX_PARAM_VALUE,
+    RUN_FILE,
+    MlflowTracker,
+    TrackingError,
+    default_tracking_uri,
+    normalize_tracking_uri,
+    open_run_tracker,
+    run_tags,
+)
+from test_cli import CONFIG, ROOT, TINY, cache, rtb_ray, sets  # noqa: F401  (cache: a fixture)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One SQLite store for the module: creating one runs MLflow's migrations (seconds)."""
+    return default_tracking_uri(tmp_path_factory.mktemp("store"))
+
+
+def make_tracker(store: str, **kwargs) -> MlflowTracker:
+    return MlflowTracker(store, "exp", run_name="r", **kwargs)
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_params_tags_metrics_and_artifacts_land_in_the_store(store, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # nothing may land in the working directory (./mlruns)
+    tracker = MlflowTracker(store, "params-tags", run_name="r1")
+    tracker.set_tags(run_tags(ray_address="ray://head:10001"))
+    tracker.log_params({"train": {"lr": 0.001, "sources": {"posterior": 0.5}},
+                        "task": {"name": "gmm25", "prior_checkpoint": None}, "long": "x" * 7000})
+    for step in range(0, 100, 10):
+        tracker.log_metrics({"train/loss": 1.0 / (step + 1), "train/log_z": 0.1 * step}, step)
+    png, js = tmp_path / "step_10.png", tmp_path / "step_10.json"
+    png.write_bytes(b"\x89PNG fake image bytes")
+    js.write_text('{"tv_target": 0.1}')
+    tracker.log_artifact(png, "eval")
+    tracker.log_artifact(js, "eval")
+    tracker.close()
+
+    client = MlflowClient(store)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "r1"
+    params = run.data.params
+    assert params["train.lr"] == "0.001" and params["train.sources.posterior"] == "0.5"
+    assert params["task.name"] == "gmm25" and params["task.prior_checkpoint"] == "null"
+    assert len(params["long"]) == MAX_PARAM_VALUE and params["long"].startswith("xxxx")
+    assert "truncated, 7000 chars" in params["long"]
+
+    tags = run.data.tags
+    for package in ("rtb-ray", "torch", "ray", "mlflow", "pyarrow", "numpy"):
+        assert tags[f"version.{package}"] == importlib.metadata.version(package)
+    assert tags["ray.address"] == "ray://head:10001" and tags["host"]
+    if (ROOT / ".git").exists():
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        assert tags["mlflow.source.git.commit"] == head
+        assert tags["git.dirty"] in ("true", "false")
+    assert tags["tracking.metrics_logged"] == "20" and tags["tracking.dropped"] == "0"
+
+    assert history(client, tracker.run_id, "train/loss") == [
+        (s, pytest.approx(1.0 / (s + 1))) for s in range(0, 100, 10)]
+    names = sorted(a.path for a in client.list_artifacts(tracker.run_id, "eval"))
+    assert names == ["eval/step_10.json", "eval/step_10.png"]
+    got = Path(client.download_artifacts(tracker.run_id, "eval/step_10.png", str(tmp_path / "dl")))
+    assert got.read_bytes() == png.read_bytes()
+    # artifacts live next to the SQLite file, never in the working directory
+    db = Path(store.removeprefix("sqlite:///"))
+    assert client.get_experiment(run.info.experiment_id).artifact_location == \
+        (db.parent / "mlartifacts").as_uri()
+    assert (db.parent / "mlartifacts").is_dir() and list(elsewhere.iterdir()) == []
+
+
+def test_log_metrics_returns_while_mlflow_is_still_writing(store):
+    tracker = make_tracker(store, batch_wait_s=0.0)
+    calls, per_call = 500, 20  # 10 000 points: about a second of SQLite writes
+    started = time.perf_counter()
+    times = []
+    for step in range(calls):
+        t0 = time.perf_counter()
+        tracker.log_metrics({f"m{k}": step + k for k in range(per_call)}, step)
+        times.append(time.perf_counter() - t0)
+    still_queued = tracker.queued  # the calls returned before MLflow had written their points
+    assert tracker.flush(timeout=300)
+    write_s = time.perf_counter() - started
+    counters = tracker.close()
+    assert still_queued > 0
+    assert counters.metrics_logged == calls * per_call and counters.dropped == 0
+    # Enqueueing costs a small fraction of the writing it hands off (measured in the same run,
+    # so a slow machine slows both), and a typical call stays far below a millisecond.
+    assert sum(times) < write_s / 5, (sum(times), write_s)
+    assert statistics.median(times) < 1e-3
+
+
+def test_a_full_queue_drops_the_oldest_points_and_counts_them(store):
+    tracker = make_tracker(store, queue_size=10)
+    tracker.log_metrics({f"m{k:02d}": k for k in range(50)}, step=0)  # one call: atomic
+    counters = tracker.close()
+    assert counters.dropped == 40 and counters.metrics_logged == 10
+    logged = MlflowClient(tracker.tracking_uri).get_run(tracker.run_id).data.metrics
+    assert sorted(logged) == [f"m{k}" for k in range(40, 50)]  # the newest ten survive
+
+
+def test_non_finite_values_are_skipped_and_counted(store):
+    tracker = make_tracker(store)
+    tracker.log_metrics({"a": math.nan, "b": math.inf, "c": -math.inf, "d": 1.5}, step=3)
+    tracker.log_metrics({"d": torch.tensor(2.5)}, step=4)  # tensors and numpy scalars work
+    counters = tracker.close()
+    assert counters.skipped_non_finite == 3 and counters.metrics_logged == 2
+    client = MlflowClient(tracker.tracking_uri)
+    run = client.get_run(tracker.run_id)
+    assert set(run.data.metrics) == {"d"} and run.data.tags["tracking.skipped_non_finite"] == "3"
+    assert history(client, tracker.run_id, "d") == [(3, 1.5), (4, 2.5)]
+
+
+def test_close_drains_everything_and_ends_the_run(store):
+    tracker = make_tracker(store, batch_wait_s=30.0)  # a long linger: close must not wait it
+    for step in range(30):
+        tracker.log_metrics({f"k{k}": step * k for k in range(100)}, step)
+    t0 = time.perf_counter()
+    counters = tracker.close()
+    assert time.perf_counter() - t0 < 30
+    assert counters.metrics_logged == 3000 and counters.failed == 0
+    client = MlflowClient(tracker.tracking_uri)
+    assert all(len(client.get_metric_history(tracker.run_id, f"k{k}")) == 30 for k in range(100))
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert tracker.close() == counters  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        tracker.log_metrics({"late": 1.0}, step=31)
+
+
+def test_resume_continues_the_same_mlflow_run(store, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("task: {name: gmm25}\n")
+    cfg = validate_config({"task": {"name": "gmm25"}, "train": {"steps": 10},
+                           "tracking": {"experiment": "resume"}})
+    first = open_run_tracker(out, cfg, resume=False, tracking_uri=store)
+    record = json.loads((out / RUN_FILE).read_text())
+    assert record["run_id"] == first.run_id and record["tracking_uri"] == store
+    for step in range(5):
+        first.log_metrics({"train/loss": float(step)}, step)
+    first.close("KILLED")
+
+    # no tracking_uri: the store recorded in the run directory
+    more = validate_config({"task": {"name": "gmm25"}, "train": {"steps": 20}})
+    second = open_run_tracker(out, more, resume=True)
+    client = MlflowClient(second.tracking_uri)
+    assert second.run_id == first.run_id and second.resumed
+    assert client.get_run(second.run_id).info.status == "RUNNING"
+    for step in range(5, 10):
+        second.log_metrics({"train/loss": float(step)}, step)
+    second.close()
+
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert [s for s, _ in history(client, run.info.run_id, "train/loss")] == list(range(10))
+    assert run.data.params["train.steps"] == "10"  # MLflow params never change ...
+    assert run.data.tags["changed_on_resume.train.steps"] == "20"  # ... so the change is a tag
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    assert client.get_experiment(run.info.experiment_id).name == "resume"
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
+
+
+def test_resuming_a_run_the_store_does_not_hold_is_one_clear_error(store, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / RUN_FILE).write_text(json.dumps({"run_id": "0" * 32, "tracking_uri": store}))
+    cfg = validate_config({"task": {"name": "gmm25"}})
+    with pytest.raises(TrackingError) as err:
+        open_run_tracker(out, cfg, resume=True)
+    message = str(err.value)
+    assert "MLflow at sqlite:" in message and "0" * 32 in message and "\n" not in message
+
+
+def test_the_posterior_logs_with_the_pytorch_flavour_and_loads_back(store, monkeypatch):
+    torch.manual_seed(0)
+    net = TimeMLP(2, 20, hidden=16, depth=1, time_features=8, out_dim=4)
+    torch.nn.init.normal_(net.trunk[-1].weight)  # not the zero drift, so outputs differ by input
+    tracker = make_tracker(store)
+    example = {"x": torch.randn(8, 2), "t_index": torch.arange(8)}
+    uri = tracker.log_pytorch_model(net, example, name="posterior", step=7)
+    tracker.close()
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracker.tracking_uri)
+    client = MlflowClient(tracker.tracking_uri)
+    model = client.get_logged_model(uri.removeprefix("models:/"))
+    assert model.status == LoggedModelStatus.READY
+    assert model.source_run_id == tracker.run_id and model.name == "posterior"
+    outputs = client.get_run(tracker.run_id).outputs.model_outputs
+    assert [(o.model_id, o.step) for o in outputs] == [(model.model_id, 7)]
+    x, t = torch.randn(5, 2), torch.tensor([0, 3, 7, 19, 11])  # another batch size
+    for model_uri in (uri, f"runs:/{tracker.run_id}/posterior"):
+        loaded = mlflow.pytorch.load_model(model_uri)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x, t), net(x, t))
+
+
+def test_bad_tracking_flags_are_one_clear_line(tmp_path, capsys):
+    assert normalize_tracking_uri("sqlite:///rel/mlflow.db") == \
+        f"sqlite:///{Path('rel/mlflow.db').resolve()}"
+    assert normalize_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    with pytest.raises(ConfigError, match="--tracking-uri: expected a URI"):
+        normalize_tracking_uri("runs/mlflow")
+    for flags, expected in [
+        (["--tracking-uri", "runs/mlflow"], "--tracking-uri: expected a URI"),
+        (["--experiment", ""], "tracking.experiment: String should have at least 1 character"),
+        (["--set", "tracking.log_model=maybe"], "tracking.log_model: Input should be a valid bool"),
+    ]:
+        assert main(["train", str(CONFIG), "--output", str(tmp_path / "run"), *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_tracking_flags_are_config_settings():
+    args = build_parser().parse_args(["train", str(CONFIG), "--no-mlflow", "--experiment", "123"])
+    cfg = load_config(CONFIG, tracking_overrides(args))
+    assert cfg.tracking.enabled is False and cfg.tracking.experiment == "123"  # a string
+    with pytest.raises(SystemExit):  # argparse: they exclude each other
+        build_parser().parse_args(["train", str(CONFIG), "--no-mlflow", "--tracking-uri", "x:"])
+
+
+def test_train_writes_one_mlflow_run_across_resume(tmp_path, cache, monkeypatch):
+    run = tmp_path / "run"
+    # TINY, shorter still: 4 steps, a train row every step, evaluations at 0, 2 and 4
+    tiny = [*TINY, "train.steps=4", "train.log_every_steps=1", "eval.every_steps=2",
+            "checkpoint_every_steps=2"]
+    half = [*tiny, "train.steps=2"]
+    out = rtb_ray("train", str(CONFIG), "--no-progress", "--output", str(run), "--experiment",
+                  "tiny", *sets(half), cache=cache, check=True).stdout
+    db = run.resolve() / "mlflow.db"
+    assert f"mlflow ui --backend-store-uri sqlite:///{db}" in out and "127.0.0.1" in out
+    again = rtb_ray("train", str(CONFIG), "--no-progress", "--output", str(run), "--resume",
+                    *sets(tiny), cache=cache, check=True).stdout
+    record = json.loads((run / RUN_FILE).read_text())
+    assert f"continues run {record['run_id']}" in again
+
+    client = MlflowClient(record["tracking_uri"])
+    mlrun = client.get_run(record["run_id"])
+    experiment = client.get_experiment(mlrun.info.experiment_id)
+    assert experiment.name == "tiny" and len(client.search_runs([experiment.experiment_id])) == 1
+    assert experiment.artifact_location == (run.resolve() / "mlartifacts").as_uri()
+    assert mlrun.info.status == "FINISHED" and mlrun.data.tags["resumed_at_step"] == "2"
+    assert mlrun.data.params["train.batch_size"] == "32"
+    assert mlrun.data.tags["changed_on_resume.train.steps"] == "4"
+    rid = record["run_id"]
+    assert [s for s, _ in history(client, rid, "train/loss")] == [1, 2, 3, 4]
+    assert [s for s, _ in history(client, rid, "eval/tv_target")] == [0, 2, 4]
+    final = json.loads((run / "final_eval.json").read_text())
+    assert history(client, rid, "eval/tv_target")[-1][1] == pytest.approx(final["tv_target"])
+    assert history(client, rid, "eval/tracking_s")[-1][1] == pytest.approx(final["tracking_s"])
+    assert 0 < final["tracking_s"] < final["train_s"]
+    artifacts = {a.path for a in client.list_artifacts(rid)}
+    assert {"config.yaml", "final_eval.json", "metrics.jsonl", "eval"} <= artifacts
+    evals = {a.path for a in client.list_artifacts(rid, "eval")}
+    assert {f"eval/step_{s}.{ext}" for s in (0, 2, 4) for ext in ("png", "json")} == evals
+    assert mlrun.data.tags["tracking.dropped"] == "0" and mlrun.data.tags["tracking.failed"] == "0"
+
+    # the logged model is the final posterior of the checkpoint
+    from rtb_ray.tasks import make_task
+
+    monkeypatch.setenv("RTB_RAY_CACHE", str(cache))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", record["tracking_uri"])
+    cfg = load_config(run / "config.yaml")
+    posterior = make_task(cfg.task).prior()
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    posterior.load_state_dict(ckpt["learner"]["posterior"])
+    loaded = mlflow.pytorch.load_model(f"runs:/{rid}/posterior")
+    x, t = torch.randn(6, 2), torch.tensor([0, 1, 5, 9, 14, 19])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t), posterior(x, t))
