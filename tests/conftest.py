@@ -61,3 +61,17 @@ def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty prior cache, so tests never reuse (or pollute) the user's cached priors."""
     monkeypatch.setenv("RTB_RAY_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prior cache holding the tiny config's pretrained prior (made once per test session)."""
+    from test_cli import TINY, rtb_ray, sets
+
+    cache = tmp_path_factory.mktemp("cache")
+    out = rtb_ray("pretrain", "gmm25", *sets(TINY), cache=cache, check=True).stdout
+    assert "prior saved to" in out and "prior_tv_uniform" in out
+    assert len(list((cache / "gmm25").glob("prior-*.pt"))) == 1
+    again = rtb_ray("pretrain", "gmm25", *sets(TINY), cache=cache, check=True).stdout
+    assert "already cached" in again
+    return cache

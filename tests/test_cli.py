@@ -73,18 +73,6 @@ def test_help_explains_the_commands(tmp_path):
     assert "--resume" in rtb_ray("train", "--help", cache=tmp_path).stdout
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """A prior cache holding the tiny config's pretrained prior."""
-    cache = tmp_path_factory.mktemp("cache")
-    out = rtb_ray("pretrain", "gmm25", *sets(TINY), cache=cache, check=True).stdout
-    assert "prior saved to" in out and "prior_tv_uniform" in out
-    assert len(list((cache / "gmm25").glob("prior-*.pt"))) == 1
-    again = rtb_ray("pretrain", "gmm25", *sets(TINY), cache=cache, check=True).stdout
-    assert "already cached" in again
-    return cache
-
-
 def test_ctrl_c_checkpoints_and_resume_continues(tmp_path, cache):
     run = tmp_path / "run"
     long = [o for o in TINY if not o.startswith(("train.steps", "checkpoint_every"))]

@@ -29,7 +29,7 @@ from rtb_ray.tracking import (
     open_run_tracker,
     run_tags,
 )
-from test_cli import CONFIG, ROOT, TINY, cache, rtb_ray, sets  # noqa: F401  (cache: a fixture)
+from test_cli import CONFIG, ROOT, TINY, rtb_ray, sets
 
 
 @pytest.fixture(scope="module")

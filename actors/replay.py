@@ -1,0 +1,33 @@
+"""The replay store hosted in an actor: concurrent inserts from workers, samples for the learner.
+
+``max_concurrency`` lets a throttled insert wait inside the store (its rate limiter) without
+blocking the learner's samples; the store itself is thread-safe.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from rtb_ray.replay import InsertResult, ReplayStore, Sampler
+from rtb_ray.trajectory import TrajectoryBatch
+
+
+@ray.remote(num_cpus=0, max_concurrency=16)
+class ReplayStoreActor:
+    def __init__(self, directory: str | None, **store_kwargs: Any) -> None:
+        self.store = ReplayStore(directory, **store_kwargs)
+
+    def insert(self, batch: TrajectoryBatch, worker: str, timeout: float | None) -> InsertResult:
+        return self.store.insert(batch, worker=worker, timeout=timeout)
+
+    def sample(self, n: int, sampler: Sampler | None = None,
+               timeout: float | None = None) -> TrajectoryBatch:
+        return self.store.sample(n, sampler=sampler, timeout=timeout)
+
+    def stats(self) -> dict:
+        return self.store.stats()
+
+    def close(self) -> None:
+        self.store.close()

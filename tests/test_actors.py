@@ -1,0 +1,81 @@
+"""Rollout actors on a real local Ray: roles, pulled versioned weights, the Arrow store."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from actors.replay import ReplayStoreActor  # noqa: E402
+from actors.rollout import RolloutWorker  # noqa: E402
+from actors.weights import WeightStore  # noqa: E402
+from rtb_ray.config import config_to_dict, load_config  # noqa: E402
+from rtb_ray.tasks import make_task  # noqa: E402
+from test_cli import CONFIG, TINY  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def local_ray(cache):
+    # workers inherit the driver's environment: they find the tiny prior in the same cache
+    saved = os.environ.get("RTB_RAY_CACHE")
+    os.environ["RTB_RAY_CACHE"] = str(cache)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+    if saved is None:
+        os.environ.pop("RTB_RAY_CACHE")
+    else:
+        os.environ["RTB_RAY_CACHE"] = saved
+
+
+def test_workers_fill_the_store_with_versioned_trajectories_of_every_role(local_ray, tmp_path):
+    config = config_to_dict(load_config(CONFIG, TINY))
+    store = ReplayStoreActor.remote(str(tmp_path / "replay"), capacity_trajectories=10_000,
+                                    segment_rows=64, run="test")
+    weights = WeightStore.remote()
+    posterior = RolloutWorker.options(num_cpus=0.5).remote(config, "posterior", "post-0", store,
+                                                           weights, seed=1)
+    prior = RolloutWorker.options(num_cpus=0.5).remote(config, "prior", "prior-0", store,
+                                                       weights, seed=2)
+    # before anything is published the posterior samples with its initial (prior) weights
+    first = ray.get(posterior.step.remote(32, explore=0.1))
+    assert first["status"] == "inserted" and first["version"] == -1
+
+    # publish version 3: a posterior that differs from the prior
+    net = make_task(load_config(CONFIG, TINY).task).prior()
+    with torch.no_grad():
+        net.trunk[-1].bias.add_(torch.tensor([3.0, 0.0, 0.0, 0.0]))
+    assert ray.get(weights.publish.remote(3, [ray.put(net.state_dict())]))
+    assert not ray.get(weights.publish.remote(2, [ray.put(net.state_dict())]))  # older: ignored
+    results = ray.get([posterior.step.remote(32) for _ in range(2)] + [prior.step.remote(32)])
+    assert [r["version"] for r in results[:2]] == [3, 3]
+    assert all(r["status"] == "inserted" and r["inserted"] == 32 for r in results)
+
+    backward = RolloutWorker.options(num_cpus=0.5).remote(config, "backward", "back-0", store,
+                                                          weights, seed=3)
+    assert ray.get(backward.step.remote(16))["inserted"] == 16
+
+    # a killed worker loses nothing that was already inserted
+    before = ray.get(store.stats.remote())["inserted"]
+    ray.kill(prior)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(prior.step.remote(32))
+    assert ray.get(store.stats.remote())["inserted"] == before == 32 * 4 + 16
+    ray.get(store.close.remote())
+
+    # the persisted store, read with plain pyarrow: every role is there, with its version
+    table = ds.dataset(tmp_path / "replay", format="ipc").to_table()
+    assert table.num_rows == before
+    by_source = {}
+    for source, version in zip(table.column("source").to_pylist(),
+                               table.column("policy_version").to_pylist()):
+        by_source.setdefault(source, set()).add(version)
+    assert by_source == {"explore": {-1}, "posterior": {3}, "prior": {-1}, "backward": {-1}}
+    # version 3 moved the drift by +3 along x: its terminal states sit to the right
+    states = table.filter(pc.equal(table.column("source"), "posterior")).column("states")
+    assert states.combine_chunks().to_numpy_ndarray()[:, -1, 0].mean() > 1.0
