@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
-from rtb_ray.metrics import mode_weights, sir_indices, sliced_wasserstein, total_variation
+from rtb_ray.metrics import mode_weights, sliced_wasserstein, total_variation
 from rtb_ray.networks import TimeMLP
 from rtb_ray.pretrain import load_prior, pretrain_bridge_matching, save_prior
 from rtb_ray.transitions import PinnedBrownian

@@ -393,14 +393,14 @@ def validate_record_batch(
     for name in names:
         if name not in expected.names:
             raise ValueError(f"unexpected field {name!r}")
-    for field in expected:
-        column = data.column(field.name)
-        if column.type != field.type:
-            if field.name in ("states", "cond") and layout is not None:
+    for spec in expected:
+        column = data.column(spec.name)
+        if column.type != spec.type:
+            if spec.name in ("states", "cond") and layout is not None:
                 layout.check(TrajectoryLayout.from_schema(data.schema))  # names shape and dtype
-            raise ValueError(f"field {field.name!r}: expected type {field.type}, got {column.type}")
+            raise ValueError(f"field {spec.name!r}: expected type {spec.type}, got {column.type}")
         if column.null_count:
-            raise ValueError(f"field {field.name!r}: {column.null_count} null values")
+            raise ValueError(f"field {spec.name!r}: {column.null_count} null values")
     for name in ("run", "source", "worker"):
         column = data.column(name)
         indices = column.indices.to_numpy(zero_copy_only=False)
