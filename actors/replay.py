@@ -22,9 +22,12 @@ class ReplayStoreActor:
     def insert(self, batch: TrajectoryBatch, worker: str, timeout: float | None) -> InsertResult:
         return self.store.insert(batch, worker=worker, timeout=timeout)
 
-    def sample(self, n: int, sampler: Sampler | None = None,
-               timeout: float | None = None) -> TrajectoryBatch:
-        return self.store.sample(n, sampler=sampler, timeout=timeout)
+    def sample(self, n: int, sampler: Sampler | None = None, timeout: float | None = None,
+               rate_limited: bool = True) -> TrajectoryBatch:
+        return self.store.sample(n, sampler=sampler, timeout=timeout, rate_limited=rate_limited)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        return self.store.flush(timeout)
 
     def stats(self) -> dict:
         return self.store.stats()

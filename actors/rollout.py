@@ -1,69 +1,116 @@
 """Rollout workers: host a ``rtb_ray.rollout.Sampler`` in one role and feed the replay store.
 
-Roles: ``posterior`` (pulls the newest weights, samples with the exploration it is told),
-``prior`` (the frozen prior) and ``backward`` (high-reward x_T from the store, noised back to
-x_0). Each ``step`` makes one batch, scores it (Σ log p_prior, log r) and inserts it, waiting
-on the store's rate limiter. The driver keeps a bounded number of ``step`` calls in flight per
-worker; a restarted worker re-runs this constructor and so re-pulls the weights by itself.
+Roles: ``posterior`` (pulls the newest weights, samples with the exploration of the learner's
+progress), ``prior`` (the frozen prior) and ``backward`` (recent stored terminal states,
+resampled ∝ r^β, noised back to x_0). Each ``step`` makes one batch, scores it (Σ log p_prior,
+log r) and inserts it, waiting on the store's rate limiter. The coordinator keeps a bounded
+number of ``step`` calls in flight per worker and replaces workers that die; a new worker pulls
+the weights in its constructor.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import time
 from typing import Any
 
 import ray
 import torch
 
-from rtb_ray.config import validate_config
-from rtb_ray.replay import Prioritised
+from rtb_ray.config import ROLES, validate_config
+from rtb_ray.metrics import sir_indices
+from rtb_ray.replay import Mixture, Recency
 from rtb_ray.rollout import Sampler
 from rtb_ray.tasks import make_task
 from rtb_ray.trajectory import Source
 
-ROLES = ("posterior", "prior", "backward")
+
+def install_prior(config: dict[str, Any], prior_file: bytes | None) -> None:
+    """Write the driver's prior checkpoint where this node's task looks for it, if it is not
+    there (on a cluster, nodes do not share the driver's cache folder)."""
+    from rtb_ray.pretrain import atomic_write_bytes
+
+    cfg = validate_config({**config, "task": {**config["task"], "pretrain_if_missing": True}})
+    path = cfg.task.prior_path() if hasattr(cfg.task, "prior_path") else None
+    if prior_file is not None and path is not None and not path.exists():
+        atomic_write_bytes(path, prior_file)
 
 
 @ray.remote(num_cpus=1)
 class RolloutWorker:
     def __init__(self, config: dict[str, Any], role: str, name: str, store: Any, weights: Any,
-                 seed: int) -> None:
+                 seed: int, prior_file: list[ray.ObjectRef] | None = None) -> None:
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r} (roles: {ROLES})")
-        # one CPU per worker: more threads only fight the other workers for the cores
+        # a CPU share per worker: more threads only fight the other workers for the cores
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources()
                                          .get("CPU", 1))))
-        cfg = validate_config(config)
-        self.task = make_task(cfg.task)
+        if prior_file:
+            install_prior(config, ray.get(prior_file[0]))
+        self.cfg = validate_config(config)
+        self.task = make_task(self.cfg.task)
         prior = self.task.prior()
         self.sampler = Sampler(self.task, prior, copy.deepcopy(prior))
         self.role, self.name, self.store, self.weights = role, name, store, weights
         self.version = -1
+        self.learner_step = 0
         self.generator = torch.Generator().manual_seed(seed)
+        # backward starts: recent forward terminals (half-life of train.backward_pool rows)
+        self.recent_forward = Mixture({"posterior|explore|prior": 1.0},
+                                      inner=Recency(self.cfg.train.backward_pool))
         self.pull_weights()
 
     def pull_weights(self) -> int:
         """Apply the newest published weights, if newer than those held; returns the version."""
-        version, refs = ray.get(self.weights.latest.remote())
+        version, refs, self.learner_step = ray.get(self.weights.latest.remote())
         if version > self.version and refs:
-            self.sampler.posterior.load_state_dict(ray.get(refs[0]))
-            self.version = version
+            try:
+                self.sampler.posterior.load_state_dict(ray.get(refs[0]))
+                self.version = version
+            except ray.exceptions.RayError:  # its owner (the learner) is gone: keep ours
+                pass
         return self.version
 
-    def step(self, n: int, explore: float = 0.0, timeout: float | None = 60.0) -> dict[str, Any]:
+    def _wait_fresh(self, timeout: float | None) -> bool:
+        """Honour ``runtime.max_staleness``: wait for weights at most that many steps old."""
+        bound = self.cfg.runtime.max_staleness
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while bound is not None and self.learner_step - max(self.version, 0) > bound:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+            self.pull_weights()
+        return True
+
+    def step(self, n: int, timeout: float | None = 60.0) -> dict[str, Any]:
+        """Sample ``n`` trajectories of this worker's role and insert them into the store."""
         if self.role == "posterior":
             self.pull_weights()
-            batch = self.sampler.rollout(Source.POSTERIOR, n, explore=explore,
+            if not self._wait_fresh(timeout):
+                return self._result("stale", 0, 0, f"no weights within {self.cfg.runtime.max_staleness}"
+                                                   f" steps of the learner after {timeout}s")
+            progress = max(self.version, 0) / self.cfg.train.steps
+            batch = self.sampler.rollout(Source.POSTERIOR, n,
+                                         explore=self.cfg.train.explore.at(progress),
                                          policy_version=self.version, generator=self.generator)
         elif self.role == "prior":
             batch = self.sampler.rollout(Source.PRIOR, n, generator=self.generator)
         else:
-            known = ray.get(self.store.sample.remote(n, Prioritised(), timeout))
-            batch = self.sampler.rollout(Source.BACKWARD, n, terminal=known.terminal,
-                                         cond=known.cond, generator=self.generator)
+            k = self.cfg.runtime.backward_candidates
+            known = ray.get(self.store.sample.remote(n * k, self.recent_forward, timeout,
+                                                     rate_limited=False))
+            pick = sir_indices(self.cfg.train.objective.beta * known.log_reward, n,
+                               self.generator)
+            batch = self.sampler.rollout(Source.BACKWARD, n, terminal=known.terminal[pick],
+                                         cond=None if known.cond is None else known.cond[pick],
+                                         generator=self.generator)
         result = ray.get(self.store.insert.remote(batch, self.name, timeout))
+        return self._result(result.status.value, result.inserted, result.quarantined,
+                            result.reason)
+
+    def _result(self, status: str, inserted: int, quarantined: int, reason: str) -> dict[str, Any]:
         return {"worker": self.name, "role": self.role, "pid": os.getpid(),
                 "node": ray.get_runtime_context().get_node_id(), "version": self.version,
-                "status": result.status.value, "inserted": result.inserted,
-                "quarantined": result.quarantined, "reason": result.reason}
+                "status": status, "inserted": inserted, "quarantined": quarantined,
+                "reason": reason}

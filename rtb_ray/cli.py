@@ -17,9 +17,13 @@ from rtb_ray.config import ConfigError, RunConfig, load_config
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
 
 EPILOG = """examples:
-  rtb-ray train pipelines/configs/gmm25.yaml --in-process --output runs/gmm25
+  rtb-ray train pipelines/configs/gmm25.yaml --output runs/gmm25
+  rtb-ray status runs/gmm25
+  rtb-ray scale runs/gmm25 --role posterior=2,prior=1
+  rtb-ray train pipelines/configs/gmm25.yaml --resume runs/gmm25
+  rtb-ray train pipelines/configs/gmm25.yaml --address auto        (on a Ray cluster)
+  rtb-ray train pipelines/configs/gmm25.yaml --in-process --output runs/gmm25-single
   rtb-ray train pipelines/configs/gmm25.yaml --set train.steps=2000 --set train.batch_size=128
-  rtb-ray train pipelines/configs/gmm25.yaml --output runs/gmm25 --resume
   rtb-ray train pipelines/configs/gmm25.yaml --tracking-uri http://127.0.0.1:5000 --experiment gmm
   rtb-ray pretrain gmm25
   rtb-ray sample runs/gmm25 --n 10000 --out samples.npz
@@ -43,15 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="fine-tune a posterior from a config",
-                       description="Fine-tune the posterior of the config's task with RTB. Writes "
-                                   "metrics, evaluation plots and checkpoints to --output.")
+                       description="Fine-tune the posterior of the config's task with RTB on Ray: "
+                                   "rollout workers fill an Arrow replay store, a learner trains "
+                                   "from it and publishes versioned weights. Writes metrics, "
+                                   "evaluation plots, checkpoints and the store to --output.")
     p.add_argument("config", help="experiment YAML, e.g. pipelines/configs/gmm25.yaml")
+    p.add_argument("--address", metavar="ADDR",
+                   help="Ray cluster to join: 'auto' (the cluster of this machine, e.g. after "
+                        "`ray up` / `ray start`) or HOST:PORT (default: start a local Ray)")
     p.add_argument("--in-process", action="store_true",
-                   help="run sampler and learner in this process (no Ray). This is currently the "
-                        "only runtime; the Ray runtime is not built yet")
+                   help="no Ray: sample and learn in this one process (the reference loop)")
     p.add_argument("--output", type=Path, help="run directory (default: runs/<config>-<time>)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --output from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN", nargs="?", const=True, default=None,
+                   help="continue the run in directory RUN (or --output) from its last "
+                        "checkpoint, with its replay store and MLflow run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--tracking-uri", metavar="URI",
@@ -64,6 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MLflow experiment (same as --set tracking.experiment=NAME; default: the "
                         "task name)")
     _add_overrides(p)
+
+    p = sub.add_parser("status", help="show a live run: workers, versions, throughput, replay",
+                       description="Print the rollout workers per role (and their nodes), the "
+                                   "weight versions, trajectories/s, the replay store's size and "
+                                   "samples/insert ratio of a run that is training.")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--json", action="store_true", help="print the raw status as JSON")
+
+    p = sub.add_parser("scale", help="change the number of rollout workers of a live run",
+                       description="Scale a live run's rollout workers; takes effect without a "
+                                   "restart. Removed workers finish the call they are in.")
+    p.add_argument("run_dir", type=Path)
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--workers", type=int, metavar="N",
+                     help="N workers in all, split between the roles as in runtime.workers")
+    how.add_argument("--role", metavar="ROLE=N[,ROLE=N]",
+                     help="workers per role, e.g. posterior=4,prior=2 (roles: posterior, prior, "
+                          "backward)")
 
     p = sub.add_parser("pretrain", help="pretrain and cache a task's prior",
                        description="Pretrain the prior of a task and store it where configs find "
@@ -104,14 +131,30 @@ def tracking_overrides(args: argparse.Namespace) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from rtb_ray.tracking import normalize_tracking_uri
-    from rtb_ray.trainer import InProcessTrainer, format_eval
 
     cfg = load_config(args.config, args.overrides + tracking_overrides(args))
     tracking_uri = normalize_tracking_uri(args.tracking_uri) if args.tracking_uri else None
-    output = args.output or Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if args.resume and args.output is None:
-        raise ConfigError("--resume needs --output RUN_DIR")
-    trainer = InProcessTrainer(cfg, output, resume=args.resume, progress=not args.no_progress,
+    output = args.output
+    if isinstance(args.resume, str):
+        if output is not None and output.resolve() != Path(args.resume).resolve():
+            raise ConfigError(f"--resume {args.resume} and --output {output} name different runs")
+        output = Path(args.resume)
+    if args.resume and output is None:
+        raise ConfigError("--resume needs the run directory: --resume RUN")
+    resume = bool(args.resume)
+    output = output or Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not args.in_process:
+        from actors.driver import train_on_ray
+
+        if args.address is not None and args.address != "auto" and ":" not in args.address:
+            raise ConfigError(f"--address: expected 'auto' or HOST:PORT (got {args.address!r})")
+        return train_on_ray(cfg, output, address=args.address, resume=resume,
+                            tracking_uri=tracking_uri, progress=not args.no_progress)
+    if args.address is not None:
+        raise ConfigError("--address and --in-process exclude each other")
+    from rtb_ray.trainer import InProcessTrainer, format_eval
+
+    trainer = InProcessTrainer(cfg, output, resume=resume, progress=not args.no_progress,
                                tracking_uri=tracking_uri)
     print(f"run directory: {output}")
     if trainer.tracker is not None:
@@ -125,6 +168,100 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 130
     print(format_eval(final))
     print(f"final metrics: {output / 'final_eval.json'}")
+    return 0
+
+
+def parse_role_counts(text: str) -> dict[str, int]:
+    counts = {}
+    for item in text.split(","):
+        role, sep, n = item.partition("=")
+        if not sep or not n.strip().isdigit():
+            raise ConfigError(f"--role: expected ROLE=N[,ROLE=N], e.g. posterior=4,prior=2 "
+                              f"(got {item!r})")
+        counts[role.strip()] = int(n)
+    return counts
+
+
+def split_workers(total: int, shares: dict[str, int]) -> dict[str, int]:
+    """``total`` workers split between the roles in proportion to ``shares`` (largest
+    remainder), every role with a share keeping at least one when total allows."""
+    from rtb_ray.replay.samplers import split_by_quota
+
+    roles = [r for r, n in shares.items() if n > 0]
+    counts = dict(zip(roles, split_by_quota(total, [shares[r] for r in roles])))
+    for role in roles:  # a role with a share is not starved while another has two
+        donor = max(counts, key=counts.get)
+        if counts[role] == 0 and counts[donor] > 1:
+            counts[role], counts[donor] = 1, counts[donor] - 1
+    return {**{r: 0 for r in shares}, **counts}
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import ray
+
+    from actors.driver import connect
+
+    try:
+        _, coordinator = connect(args.run_dir)
+        status = ray.get(coordinator.status.remote())
+    except RuntimeError as err:
+        print(f"rtb-ray: {err}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(format_status(status))
+    return 0
+
+
+def format_status(s: dict) -> str:
+    from rtb_ray.config import ROLES
+
+    lines = [f"run {s['run']}  up {s['uptime_s']:.0f}s"]
+    w = s["weights"]
+    if w:
+        lines.append(f"learner step {w['learner_step']}, weights version {w['version']} "
+                     f"({w['published']} published)")
+    tp = s["throughput"]
+    for role in ROLES:
+        mine = [x for x in s["workers"] if x["role"] == role and not x["retiring"]]
+        nodes = sorted({(x["node"] or "?")[:8] for x in mine})
+        lines.append(f"  {role:9s} workers {len(mine)}/{s['targets'][role]}  "
+                     f"{tp[f'trajectories_per_s_{role}']:8.0f} traj/s  "
+                     f"inserted {s['inserted_by_role'][role]:>9d}  nodes {','.join(nodes) or '-'}")
+    lines.append(f"  total     {tp['trajectories_per_s']:.0f} traj/s; replaced workers "
+                 f"{s['totals']['replaced']}, throttled calls {s['totals']['throttled']}")
+    r = s["replay"]
+    if r:
+        lines.append(f"replay: {r['size']}/{r['capacity']} rows, inserted {r['inserted']}, "
+                     f"sampled {r['sampled']}, samples/insert {r['samples_per_insert']:.2f}, "
+                     f"quarantined {r['quarantined_rows']}, sealed {r['sealed_rows']}")
+    if s["last_error"]:
+        lines.append(f"last problem: {s['last_error']}")
+    return "\n".join(lines)
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    import ray
+
+    from actors.driver import connect
+
+    if args.workers is not None:
+        if args.workers < 1:
+            raise ConfigError("--workers must be >= 1")
+        counts = split_workers(args.workers,
+                               load_config(args.run_dir / "config.yaml").runtime.workers)
+    else:
+        counts = parse_role_counts(args.role)
+    try:
+        _, coordinator = connect(args.run_dir)
+        targets = ray.get(coordinator.scale.remote(counts))
+    except RuntimeError as err:
+        print(f"rtb-ray: {err}", file=sys.stderr)
+        return 1
+    except ray.exceptions.RayTaskError as err:
+        raise ConfigError(str(err.cause)) from None
+    print("workers per role: " + ", ".join(f"{r}={n}" for r, n in targets.items()))
     return 0
 
 
@@ -178,7 +315,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "pretrain": cmd_pretrain, "sample": cmd_sample}[args.command](args)
+        commands = {"train": cmd_train, "status": cmd_status, "scale": cmd_scale,
+                    "pretrain": cmd_pretrain, "sample": cmd_sample}
+        return commands[args.command](args)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"rtb-ray: error: {err}", file=sys.stderr)
         return 2

@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+ROLES = ("posterior", "prior", "backward")  # rollout worker roles of the Ray runtime
 
 
 class ConfigError(ValueError):
@@ -102,6 +105,71 @@ class TrackingConfig(Strict):
     log_model: bool = Field(True, description="log the final posterior with the PyTorch flavour")
 
 
+class ReplayConfig(Strict):
+    """The replay store of the Ray runtime (rtb_ray/replay, docs/REPLAY.md)."""
+
+    capacity: int = Field(200_000, ge=1, description="trajectories held in memory (FIFO)")
+    samples_per_insert: float | None = Field(
+        4.0, gt=0, description="target learner samples per inserted trajectory (None: no limit)"
+    )
+    error_buffer: float | None = Field(
+        None, gt=0, description="slack of the ratio, in samples (default: max(min_size, 2·batch))"
+    )
+    min_size_to_sample: int = Field(1024, ge=1, description="rows stored before the learner starts")
+    recency_half_life: int | None = Field(
+        None, ge=1, description="learner draws each source's newer rows more often: a row this "
+                                "many rows older is drawn half as often (None: uniform)"
+    )
+    persist: bool = Field(True, description="seal segments to <run>/replay (needed for --resume)")
+    segment_rows: int | None = Field(
+        None, ge=1, description="rows per sealed segment (default ≈ 64 MiB); every checkpoint "
+                                "also seals what is pending"
+    )
+
+
+class RuntimeConfig(Strict):
+    """The Ray runtime: rollout workers per role, the learner, weight publishing, the store."""
+
+    workers: dict[str, int] = Field(
+        default_factory=lambda: {"posterior": 1, "prior": 1, "backward": 1},
+        description="rollout workers per role at start (rtb-ray scale changes it live)",
+    )
+    rollout_batch_size: int = Field(128, ge=1, description="trajectories per worker call")
+    worker_num_cpus: float = Field(0.5, gt=0, description="Ray CPUs per rollout worker")
+    learner_num_cpus: float = Field(1.0, gt=0)
+    learner_num_gpus: float = Field(0.0, ge=0, description="> 0: the learner runs on CUDA")
+    publish_every_steps: int = Field(5, ge=1, description="learner steps between weight versions")
+    max_staleness: int | None = Field(
+        None, ge=1, description="posterior workers wait rather than sample with weights more "
+                                "than this many learner steps old (None: no bound)"
+    )
+    max_in_flight: int = Field(2, ge=1, description="sampling calls in flight per worker")
+    backward_candidates: int = Field(
+        4, ge=1, description="backward role: stored terminals drawn per trajectory, resampled ∝ r^β"
+    )
+    replay: ReplayConfig = ReplayConfig()
+
+    @field_validator("workers")
+    @classmethod
+    def _check_workers(cls, v: dict[str, int]) -> dict[str, int]:
+        for role, n in v.items():
+            if role not in ROLES:
+                raise ValueError(f"unknown role {role!r} (roles: {list(ROLES)})")
+            if n < 0:
+                raise ValueError(f"workers of {role!r} must be >= 0")
+        if sum(v.values()) < 1:
+            raise ValueError("at least one rollout worker is needed")
+        return v
+
+    @model_validator(mode="after")
+    def _staleness_reachable(self) -> "RuntimeConfig":
+        if self.max_staleness is not None and self.max_staleness < self.publish_every_steps:
+            raise ValueError(f"max_staleness ({self.max_staleness}) must be >= "
+                             f"publish_every_steps ({self.publish_every_steps}): workers would "
+                             f"wait for versions that are never published")
+        return self
+
+
 class RunConfig(Strict):
     """One experiment. ``task`` holds the task's own settings (validated by the task)."""
 
@@ -113,6 +181,7 @@ class RunConfig(Strict):
     eval: EvalConfig = EvalConfig()
     checkpoint_every_steps: int = Field(1000, ge=1)
     tracking: TrackingConfig = TrackingConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
 
     @field_validator("task", mode="before")
     @classmethod

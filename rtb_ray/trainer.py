@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from rtb_ray.config import RunConfig, config_to_dict
@@ -109,29 +112,34 @@ class Clock:
         return self.offset + time.perf_counter() - self.start
 
 
-class InProcessTrainer:
+class Trainer:
+    """The training loop, read top to bottom in ``_train``: batch → learner step → log →
+    evaluate → checkpoint. Where batches come from is the subclass's business
+    (``InProcessTrainer``: sampled right here; ``ReplayTrainer``: drawn from the replay store)."""
+
     def __init__(self, cfg: RunConfig, output: Path, resume: bool = False, progress: bool = True,
-                 tracking_uri: str | None = None):
+                 tracking_uri: str | None = None, torch_threads: int | None = None):
         self.cfg = cfg
         self.output = Path(output)
         self.progress = progress
-        torch.set_num_threads(cfg.torch_threads or len(os.sched_getaffinity(0)))
+        torch.set_num_threads(torch_threads or cfg.torch_threads or len(os.sched_getaffinity(0)))
         torch.manual_seed(cfg.seed)
         self.device = resolve_device(cfg.device)
         self.task: Task = make_task(cfg.task)
         prior = self.task.prior()
         self.learner = Learner(self.task.family, prior, cfg.train, self.device, cfg.seed)
         self.sampler = Sampler(self.task, self.learner.prior, self.learner.posterior)
-        self.gen = torch.Generator().manual_seed(cfg.seed + 1)
-        self.pool = TerminalPool(cfg.train.backward_pool, cfg.train.objective.beta)
         self.clock = Clock()
+        self.stop_requested = threading.Event()  # set by another thread: checkpoint and return
+        self.last_train: dict[str, float] = {}
+        self.last_eval: dict[str, float] = {}
         self.output.mkdir(parents=True, exist_ok=True)
         (self.output / "eval").mkdir(exist_ok=True)
         ckpt = self.output / "checkpoint.pt"
         if resume:
             if not ckpt.exists():
                 raise FileNotFoundError(f"nothing to resume: {ckpt} does not exist")
-            self._load_checkpoint(ckpt)
+            self.load_checkpoint(load_run_checkpoint(ckpt, self.task.name))
         elif ckpt.exists():
             raise FileExistsError(f"{self.output} already holds a run; pass --resume to continue it")
         (self.output / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
@@ -147,23 +155,22 @@ class InProcessTrainer:
             if resume:
                 self.tracker.set_tags({"resumed_at_step": self.learner.step_count})
 
-    # -- one training step ---------------------------------------------------------------------
+    # -- what subclasses provide ---------------------------------------------------------------
     def make_batch(self) -> TrajectoryBatch:
-        progress = self.learner.step_count / self.cfg.train.steps
-        explore = self.cfg.train.explore.at(progress)
-        parts = []
-        for source, n in source_counts(self.cfg.train.sources, self.cfg.train.batch_size).items():
-            terminal = None
-            if source == Source.BACKWARD:
-                terminal = self.pool.sample(n, self.gen)
-                if terminal is None:  # nothing seen yet: sample on-policy instead
-                    source = Source.POSTERIOR
-            batch = self.sampler.rollout(source, n, explore=explore, terminal=terminal,
-                                         policy_version=self.learner.version, generator=self.gen)
-            if source != Source.BACKWARD:
-                self.pool.add(batch)
-            parts.append(batch)
-        return TrajectoryBatch.cat(parts)
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Called after every learner step (the runtime publishes weights here)."""
+
+    def train_row_extras(self) -> dict[str, float]:
+        """More columns of each train row (the runtime's staleness and throughput)."""
+        return {}
+
+    def checkpoint_extras(self) -> dict:
+        return {}
+
+    def load_checkpoint_extras(self, ckpt: dict) -> None:
+        pass
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self, n: int, name: str) -> dict[str, float]:
@@ -185,6 +192,7 @@ class InProcessTrainer:
                        train_s=self.clock.wall_s - self.clock.eval_s, num_samples=n,
                        tracking_s=self.clock.tracking_s)
         write_json(self.output / "eval" / f"{name}.json", metrics)
+        self.last_eval = metrics
         self._log({"kind": "eval", **metrics})
         self._track_artifact(self.output / "eval" / f"{name}.png", "eval")
         self._track_artifact(self.output / "eval" / f"{name}.json", "eval")
@@ -198,24 +206,22 @@ class InProcessTrainer:
                 "task": self.task.name,
                 "config_digest": self.cfg.digest(),
                 "learner": self.learner.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "rollout": self.gen.get_state()},
-                "pool": {"x": self.pool.x, "log_reward": self.pool.log_reward},
+                "rng": {"torch": torch.get_rng_state()},
                 "clock": {"wall_s": self.clock.wall_s, "eval_s": self.clock.eval_s,
                           "tracking_s": self.clock.tracking_s},
+                **self.checkpoint_extras(),
             },
             self.output / "checkpoint.pt",
         )
         if self.cfg.tracking.log_checkpoints:
             self._track_artifact(self.output / "checkpoint.pt", "checkpoint")
 
-    def _load_checkpoint(self, path: Path) -> None:
-        ckpt = load_run_checkpoint(path, self.task.name)
+    def load_checkpoint(self, ckpt: dict) -> None:
         self.learner.load_state_dict(ckpt["learner"])
         torch.set_rng_state(ckpt["rng"]["torch"])
-        self.gen.set_state(ckpt["rng"]["rollout"])
-        self.pool.x, self.pool.log_reward = ckpt["pool"]["x"], ckpt["pool"]["log_reward"]
         self.clock = Clock(offset=ckpt["clock"]["wall_s"], eval_s=ckpt["clock"]["eval_s"],
                            tracking_s=ckpt["clock"].get("tracking_s", 0.0))
+        self.load_checkpoint_extras(ckpt)
 
     def _log(self, row: dict) -> None:
         """One row to metrics.jsonl and, as ``<kind>/<key>`` metrics at its step, to MLflow."""
@@ -294,8 +300,11 @@ class InProcessTrainer:
                    disable=not self.progress, mininterval=1.0)
         try:
             while self.learner.step_count < cfg.train.steps:
+                if self.stop_requested.is_set():
+                    raise KeyboardInterrupt
                 batch = self.make_batch()
                 stats = self.learner.step(batch)
+                self.after_step()
                 for k, v in stats.items():
                     window[k].append(v)
                 step = self.learner.step_count
@@ -303,11 +312,15 @@ class InProcessTrainer:
                 if step % cfg.train.log_every_steps == 0:
                     row = {k: sum(v) / len(v) for k, v in window.items()}
                     window.clear()
-                    self._log({"kind": "train", "step": step, "wall_s": self.clock.wall_s, **row})
+                    row = {"kind": "train", "step": step, "wall_s": self.clock.wall_s, **row,
+                           **self.train_row_extras()}
+                    self.last_train = row
+                    self._log(row)
                     bar.set_postfix(loss=f"{row['loss']:.3g}", log_z=f"{row['log_z']:.3f}")
                 if step % cfg.eval.every_steps == 0 and step < cfg.train.steps:
                     m = self.evaluate(cfg.eval.num_samples, f"step_{step}")
-                    bar.write(format_eval(m))
+                    if self.progress:
+                        bar.write(format_eval(m))
                 if step % cfg.checkpoint_every_steps == 0:
                     self.save_checkpoint()
         except KeyboardInterrupt:
@@ -321,6 +334,102 @@ class InProcessTrainer:
         final = self.evaluate(cfg.eval.final_num_samples, f"step_{self.learner.step_count}")
         write_json(self.output / "final_eval.json", final)
         return final
+
+class InProcessTrainer(Trainer):
+    """Sampler and learner in one process: each batch is freshly sampled from the sources of
+    ``train.sources`` (the reference the Ray runtime is measured against)."""
+
+    def __init__(self, cfg: RunConfig, output: Path, resume: bool = False, progress: bool = True,
+                 tracking_uri: str | None = None):
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.pool = TerminalPool(cfg.train.backward_pool, cfg.train.objective.beta)
+        super().__init__(cfg, output, resume, progress, tracking_uri)
+
+    def make_batch(self) -> TrajectoryBatch:
+        progress = self.learner.step_count / self.cfg.train.steps
+        explore = self.cfg.train.explore.at(progress)
+        parts = []
+        for source, n in source_counts(self.cfg.train.sources, self.cfg.train.batch_size).items():
+            terminal = None
+            if source == Source.BACKWARD:
+                terminal = self.pool.sample(n, self.gen)
+                if terminal is None:  # nothing seen yet: sample on-policy instead
+                    source = Source.POSTERIOR
+            batch = self.sampler.rollout(source, n, explore=explore, terminal=terminal,
+                                         policy_version=self.learner.version, generator=self.gen)
+            if source != Source.BACKWARD:
+                self.pool.add(batch)
+            parts.append(batch)
+        return TrajectoryBatch.cat(parts)
+
+    def checkpoint_extras(self) -> dict:
+        return {"rollout_rng": self.gen.get_state(),
+                "pool": {"x": self.pool.x, "log_reward": self.pool.log_reward}}
+
+    def load_checkpoint_extras(self, ckpt: dict) -> None:
+        self.gen.set_state(ckpt["rollout_rng"])
+        self.pool.x, self.pool.log_reward = ckpt["pool"]["x"], ckpt["pool"]["log_reward"]
+
+
+class ReplayTrainer(Trainer):
+    """The learner of the Ray runtime: batches are drawn from the replay store by
+    ``sample_batch`` (the store's source mixture), weights go out through ``publish(version,
+    state_dict)`` every ``runtime.publish_every_steps`` steps (``publish(step, None)`` at the
+    other steps: the learner's progress, for max_staleness), and each train row records the
+    staleness of the posterior rows trained on (learner version − policy_version) as quantiles.
+    No Ray here: the learner actor passes the store and the weight store in as callables."""
+
+    def __init__(self, cfg: RunConfig, output: Path, *,
+                 sample_batch: Callable[[], TrajectoryBatch],
+                 publish: Callable[[int, dict[str, torch.Tensor] | None], None],
+                 runtime_stats: Callable[[], dict[str, float]] | None = None,
+                 flush_store: Callable[[], None] | None = None,
+                 resume: bool = False, tracking_uri: str | None = None,
+                 torch_threads: int | None = None):
+        super().__init__(cfg, output, resume, progress=False, tracking_uri=tracking_uri,
+                         torch_threads=torch_threads)
+        self.sample_batch, self.publish, self.runtime_stats = sample_batch, publish, runtime_stats
+        self.flush_store = flush_store
+        self.staleness: list[Tensor] = []
+        self.publish_weights()  # version 0, or the checkpoint's on resume
+
+    def publish_weights(self) -> None:
+        self.publish(self.learner.version, {k: v.detach().cpu() for k, v in
+                                            self.learner.posterior.state_dict().items()})
+
+    def save_checkpoint(self) -> None:
+        """Seal the store's rows first: a checkpoint never refers to data that is not on disk."""
+        if self.flush_store is not None:
+            self.flush_store()
+        super().save_checkpoint()
+
+    def make_batch(self) -> TrajectoryBatch:
+        batch = self.sample_batch()
+        on_policy = (batch.source == Source.POSTERIOR) | (batch.source == Source.EXPLORE)
+        self.staleness.append(self.learner.version - batch.policy_version[on_policy])
+        return batch
+
+    def after_step(self) -> None:
+        if self.learner.version % self.cfg.runtime.publish_every_steps == 0:
+            self.publish_weights()
+        else:
+            self.publish(self.learner.version, None)
+
+    def train_row_extras(self) -> dict[str, float]:
+        row = staleness_quantiles(torch.cat(self.staleness)) if self.staleness else {}
+        self.staleness.clear()
+        return {**row, **(self.runtime_stats() if self.runtime_stats else {})}
+
+
+def staleness_quantiles(staleness: Tensor) -> dict[str, float]:
+    """The distribution of staleness (in learner steps) of the rows trained on."""
+    if staleness.numel() == 0:
+        return {}
+    s = staleness.double()
+    q = torch.quantile(s, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64))
+    return {"staleness_mean": s.mean().item(), "staleness_p50": q[0].item(),
+            "staleness_p90": q[1].item(), "staleness_p99": q[2].item(),
+            "staleness_max": s.max().item()}
 
 
 def format_eval(m: dict[str, float]) -> str:

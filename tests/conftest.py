@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
+
+# Ray's token authentication, also for this process when it joins a run's cluster (Ray reads
+# the mode on import, before any test module imports it): see actors/__init__.py.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 from pathlib import Path
 
 import pytest

@@ -76,7 +76,7 @@ def test_help_explains_the_commands(tmp_path):
 def test_ctrl_c_checkpoints_and_resume_continues(tmp_path, cache):
     run = tmp_path / "run"
     long = [o for o in TINY if not o.startswith(("train.steps", "checkpoint_every"))]
-    args = ["train", str(CONFIG), "--no-progress", "--output", str(run), *sets(long),
+    args = ["train", str(CONFIG), "--in-process", "--no-progress", "--output", str(run), *sets(long),
             "--set", "train.steps=100000", "--set", "checkpoint_every_steps=100000"]
     proc = subprocess.Popen([sys.executable, "-m", "rtb_ray.cli", *args], cwd=ROOT,
                             env={**os.environ, "RTB_RAY_CACHE": str(cache)},
@@ -93,7 +93,7 @@ def test_ctrl_c_checkpoints_and_resume_continues(tmp_path, cache):
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     stopped_at = ckpt["learner"]["step"]
     assert stopped_at >= 50
-    rtb_ray("train", str(CONFIG), "--no-progress", "--output", str(run), "--resume",
+    rtb_ray("train", str(CONFIG), "--in-process", "--no-progress", "--output", str(run), "--resume",
             *sets(long), "--set", f"train.steps={stopped_at + 10}", cache=cache, check=True)
     final = json.loads((run / "final_eval.json").read_text())
     assert final["step"] == stopped_at + 10
@@ -108,7 +108,7 @@ def test_train_resume_sample_end_to_end(tmp_path, cache):
     again = rtb_ray("train", str(CONFIG), "--output", str(run), *sets(TINY), cache=cache)
     assert again.returncode == 2 and "--resume" in again.stderr
     # resume continues from step 10 to 20 (train.steps raised on the command line)
-    rtb_ray("train", str(CONFIG), "--no-progress", "--output", str(run), "--resume",
+    rtb_ray("train", str(CONFIG), "--in-process", "--no-progress", "--output", str(run), "--resume",
             *sets(TINY), cache=cache, check=True)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r["kind"] == "eval"]

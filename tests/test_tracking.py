@@ -252,11 +252,11 @@ def test_train_writes_one_mlflow_run_across_resume(tmp_path, cache, monkeypatch)
     tiny = [*TINY, "train.steps=4", "train.log_every_steps=1", "eval.every_steps=2",
             "checkpoint_every_steps=2"]
     half = [*tiny, "train.steps=2"]
-    out = rtb_ray("train", str(CONFIG), "--no-progress", "--output", str(run), "--experiment",
+    out = rtb_ray("train", str(CONFIG), "--in-process", "--no-progress", "--output", str(run), "--experiment",
                   "tiny", *sets(half), cache=cache, check=True).stdout
     db = run.resolve() / "mlflow.db"
     assert f"mlflow ui --backend-store-uri sqlite:///{db}" in out and "127.0.0.1" in out
-    again = rtb_ray("train", str(CONFIG), "--no-progress", "--output", str(run), "--resume",
+    again = rtb_ray("train", str(CONFIG), "--in-process", "--no-progress", "--output", str(run), "--resume",
                     *sets(tiny), cache=cache, check=True).stdout
     record = json.loads((run / RUN_FILE).read_text())
     assert f"continues run {record['run_id']}" in again

@@ -169,7 +169,7 @@ class ReplayStore:
         self._quarantine: deque[pa.RecordBatch] = deque()
         self._quarantine_capacity = quarantine_capacity
         self._counters = dict.fromkeys(
-            ["inserted", "sampled", "evicted", "loaded", "rejected_batches", "quarantined_rows",
+            ["inserted", "sampled", "sampled_other", "evicted", "loaded", "rejected_batches", "quarantined_rows",
              "throttled_inserts", "sample_timeouts", "sealed_segments", "sealed_rows",
              "sealed_bytes"], 0)
         self._seal_seconds = 0.0
@@ -361,25 +361,35 @@ class ReplayStore:
 
     # -- sample --------------------------------------------------------------------------------
     def sample(
-        self, n: int, *, sampler: Sampler | None = None, timeout: float | None = None
+        self, n: int, *, sampler: Sampler | None = None, timeout: float | None = None,
+        rate_limited: bool = True,
     ) -> TrajectoryBatch:
         """``n`` trajectories drawn with replacement (ids in ``extras["id"]``); waits up to
         ``timeout`` seconds (None: no limit) while the store holds fewer than
         ``min_size_to_sample`` rows or the writers lag the target ratio, then raises
-        SampleTimeout."""
+        SampleTimeout. ``rate_limited=False`` is for readers other than the learner (backward
+        rollout workers): they wait only for one row, and neither count toward the
+        samples-per-insert ratio nor are held back by it."""
         if n < 1:
             raise ValueError(f"n must be >= 1 (got {n})")
         sampler = sampler or self.sampler
         with self._lock:
-            ready = lambda: self._closing or self._limiter.can_sample(self.size)  # noqa: E731
+            if rate_limited:
+                ready = lambda: self._closing or self._limiter.can_sample(self.size)  # noqa: E731
+            else:
+                ready = lambda: self._closing or self.size > 0  # noqa: E731
             if not self._changed.wait_for(ready, timeout):
                 self._counters["sample_timeouts"] += 1
-                raise SampleTimeout(f"no sample within {timeout}s: "
-                                    f"{self._limiter.why_not_sample(self.size)}")
+                why = (self._limiter.why_not_sample(self.size) if rate_limited
+                       else "the store is empty")
+                raise SampleTimeout(f"no sample within {timeout}s: {why}")
             self._check_open()
             arrays = self._ring.gather(sampler.draw(_StoreRows(self), n, self._rng))
-            self._limiter.on_sample(n)
-            self._counters["sampled"] += n
+            if rate_limited:
+                self._limiter.on_sample(n)
+                self._counters["sampled"] += n
+            else:
+                self._counters["sampled_other"] += n
             self._changed.notify_all()
         return self._as_columns(arrays).to_batch()
 

@@ -1,0 +1,248 @@
+"""The coordinator: owns a run's rollout workers. One named actor per run.
+
+Its loop keeps ``runtime.max_in_flight`` sampling calls in flight per worker, tallies what each
+call inserted, replaces workers that die (``ray.kill``, a lost node, an OOM kill) and follows
+``scale`` requests: new workers are started at once, surplus ones stop receiving calls and are
+shut down when their calls have returned, so no trajectory that a call inserted is lost.
+``status`` and ``metrics`` are served while the loop runs (``max_concurrency``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from rtb_ray.config import ROLES, validate_config
+
+THROUGHPUT_WINDOW_S = 20.0
+MAX_FAILED_STARTS = 5  # a role whose new workers keep dying is not restarted forever
+
+
+@dataclass
+class WorkerRecord:
+    name: str
+    role: str
+    handle: Any
+    started: float = field(default_factory=time.time)
+    in_flight: list = field(default_factory=list)
+    retiring: bool = False
+    node: str | None = None
+    version: int = -1
+    inserted: int = 0
+    calls: int = 0
+
+
+@ray.remote(num_cpus=0, max_concurrency=8)
+class Coordinator:
+    def __init__(self, config: dict[str, Any], run: str, namespace: str, store: Any,
+                 weights: Any, seed: int, prior_file: list[ray.ObjectRef]) -> None:
+        self.config, self.cfg = config, validate_config(config)
+        self.run, self.namespace = run, namespace
+        self.store, self.weights, self.prior_file = store, weights, prior_file
+        self.seed = seed
+        self.targets = {role: self.cfg.runtime.workers.get(role, 0) for role in ROLES}
+        self.workers: dict[str, WorkerRecord] = {}
+        self.next_index = dict.fromkeys(ROLES, 0)
+        self.failed_starts = dict.fromkeys(ROLES, 0)
+        self.totals = {"inserted": 0, "quarantined": 0, "throttled": 0, "stale": 0, "errors": 0,
+                       "replaced": 0, "retired": 0, "calls": 0}
+        self.by_role = {role: 0 for role in ROLES}
+        self.by_node: dict[str, int] = {}
+        self.recent: deque[tuple[float, str, int]] = deque()  # (time, role, inserted)
+        self.last_error = ""
+        self.store_stats: dict[str, Any] = {}
+        self.weight_stats: dict[str, Any] = {}
+        self.started = time.time()
+        self.crashed = False
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="coordinator", daemon=True)
+        self.thread.start()
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _spawn(self, role: str) -> None:
+        from actors.rollout import RolloutWorker
+
+        index = self.next_index[role]
+        self.next_index[role] += 1
+        name = f"{self.run}/{role}-{index}"
+        handle = RolloutWorker.options(
+            name=name, namespace=self.namespace, num_cpus=self.cfg.runtime.worker_num_cpus,
+            scheduling_strategy="SPREAD", max_restarts=0,
+        ).remote(self.config, role, name, self.store, self.weights,
+                 seed=self.seed + 1000 * ROLES.index(role) + index, prior_file=self.prior_file)
+        self.workers[name] = WorkerRecord(name, role, handle)
+
+    def _reconcile(self) -> None:
+        """Start or retire workers until each role has its target count."""
+        for role in ROLES:
+            active = [w for w in self.workers.values() if w.role == role and not w.retiring]
+            if self.failed_starts[role] >= MAX_FAILED_STARTS:
+                continue
+            for _ in range(self.targets[role] - len(active)):
+                self._spawn(role)
+            for w in sorted(active, key=lambda w: w.started)[self.targets[role]:]:
+                w.retiring = True  # no new calls; shut down once its calls are back
+
+    def _submit(self) -> dict[Any, WorkerRecord]:
+        owners = {}
+        n, timeout = self.cfg.runtime.rollout_batch_size, 60.0
+        for w in self.workers.values():
+            while not w.retiring and len(w.in_flight) < self.cfg.runtime.max_in_flight:
+                w.in_flight.append(w.handle.step.remote(n, timeout))
+            for ref in w.in_flight:
+                owners[ref] = w
+        return owners
+
+    def _record(self, w: WorkerRecord, result: dict[str, Any]) -> None:
+        w.calls += 1
+        w.node, w.version = result["node"], result["version"]
+        self.totals["calls"] += 1
+        self.failed_starts[w.role] = 0
+        status = result["status"]
+        if status in ("throttled", "stale"):
+            self.totals[status] += 1
+            self.last_error = f"{w.name}: {result['reason']}"
+        elif status == "rejected":
+            self.totals["errors"] += 1
+            self.last_error = f"{w.name}: batch rejected: {result['reason']}"
+        n = result["inserted"]
+        w.inserted += n
+        self.totals["inserted"] += n
+        self.totals["quarantined"] += result["quarantined"]
+        self.by_role[w.role] += n
+        self.by_node[w.node] = self.by_node.get(w.node, 0) + n
+        self.recent.append((time.time(), w.role, n))
+
+    def _collect(self, owners: dict[Any, WorkerRecord]) -> None:
+        if not owners:
+            time.sleep(0.1)
+            return
+        ready, _ = ray.wait(list(owners), num_returns=1, timeout=0.5)
+        if ready:  # and whatever else is done by now
+            ready, _ = ray.wait(list(owners), num_returns=len(owners), timeout=0)
+        for ref in ready:
+            w = owners[ref]
+            w.in_flight.remove(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError as err:  # the worker is gone: replace it
+                with self.lock:
+                    if w.name in self.workers:
+                        del self.workers[w.name]
+                        self.totals["replaced"] += 0 if w.retiring else 1
+                        if w.calls == 0:
+                            self.failed_starts[w.role] += 1
+                        self.last_error = f"{w.name} died: {str(err).splitlines()[0]}"
+                continue
+            except ray.exceptions.RayTaskError as err:  # e.g. the store timed out a draw
+                with self.lock:
+                    self.totals["errors"] += 1
+                    self.last_error = f"{w.name}: {str(err.cause or err).splitlines()[0]}"
+                continue
+            with self.lock:
+                self._record(w, result)
+
+    def _retire(self) -> None:
+        for w in [w for w in self.workers.values() if w.retiring and not w.in_flight]:
+            ray.kill(w.handle)
+            del self.workers[w.name]
+            self.totals["retired"] += 1
+
+    def _loop(self) -> None:
+        try:
+            self._run_loop()
+        except BaseException as err:  # a bug here must show in status, not vanish with a thread
+            self.last_error = f"coordinator loop crashed: {err!r}"
+            self.crashed = True
+            raise
+
+    def _run_loop(self) -> None:
+        last_stats = 0.0
+        while not self.stopping.is_set():
+            with self.lock:
+                self._reconcile()
+                owners = self._submit()
+            self._collect(owners)
+            with self.lock:
+                self._retire()
+                cutoff = time.time() - THROUGHPUT_WINDOW_S
+                while self.recent and self.recent[0][0] < cutoff:
+                    self.recent.popleft()
+            if time.time() - last_stats > 2.0:
+                last_stats = time.time()
+                try:
+                    self.store_stats, self.weight_stats = ray.get(
+                        [self.store.stats.remote(), self.weights.stats.remote()], timeout=10)
+                except (ray.exceptions.RayError, TimeoutError) as err:
+                    self.last_error = f"stats: {str(err).splitlines()[0]}"
+
+    # -- calls from the driver, the learner and ``rtb-ray scale/status`` -------------------------
+    def scale(self, counts: dict[str, int]) -> dict[str, int]:
+        """Set the number of workers of some roles; returns all targets."""
+        for role, n in counts.items():
+            if role not in ROLES:
+                raise ValueError(f"unknown role {role!r} (roles: {list(ROLES)})")
+            if not isinstance(n, int) or n < 0:
+                raise ValueError(f"workers of {role!r} must be an integer >= 0 (got {n!r})")
+        with self.lock:
+            self.targets.update(counts)
+            for role in counts:
+                self.failed_starts[role] = 0
+            return dict(self.targets)
+
+    def _throughput(self) -> dict[str, float]:
+        now = time.time()
+        span = min(THROUGHPUT_WINDOW_S, max(now - self.started, 1e-3))
+        out = {f"trajectories_per_s_{role}": 0.0 for role in ROLES}
+        for _, role, n in self.recent:
+            out[f"trajectories_per_s_{role}"] += n / span
+        out["trajectories_per_s"] = sum(out.values())
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers for the learner's train rows (flat, numeric)."""
+        with self.lock:
+            active = [w for w in self.workers.values() if not w.retiring]
+            out = {f"workers_{role}": float(sum(w.role == role for w in active))
+                   for role in ROLES}
+            out.update(self._throughput())
+            out["workers_replaced"] = float(self.totals["replaced"])
+            out["inserted"] = float(self.totals["inserted"])
+        for key in ("size", "samples_per_insert"):
+            if key in self.store_stats:
+                out[f"replay_{key}"] = float(self.store_stats[key])
+        return out
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            workers = [{"name": w.name, "role": w.role, "node": w.node, "version": w.version,
+                        "inserted": w.inserted, "calls": w.calls, "retiring": w.retiring,
+                        "in_flight": len(w.in_flight)} for w in self.workers.values()]
+            return {"run": self.run, "targets": dict(self.targets), "workers": workers,
+                    "totals": dict(self.totals), "inserted_by_role": dict(self.by_role),
+                    "inserted_by_node": dict(self.by_node), "throughput": self._throughput(),
+                    "replay": dict(self.store_stats), "weights": dict(self.weight_stats),
+                    "last_error": self.last_error, "crashed": self.crashed,
+                    "uptime_s": time.time() - self.started}
+
+    def stop(self) -> dict[str, Any]:
+        """Stop sampling: wait for the calls in flight, then shut the workers down."""
+        self.stopping.set()
+        self.thread.join()
+        for w in self.workers.values():
+            if w.in_flight:
+                ready, _ = ray.wait(w.in_flight, num_returns=len(w.in_flight), timeout=10)
+                for ref in ready:
+                    try:
+                        self._record(w, ray.get(ref))
+                    except ray.exceptions.RayError:
+                        pass
+            ray.kill(w.handle)
+        self.workers.clear()
+        return self.status()

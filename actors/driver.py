@@ -1,0 +1,202 @@
+"""The driver of ``rtb-ray train`` on Ray: starts (or joins) Ray, starts the run's actors, shows
+progress, and shuts everything down in order.
+
+    ReplayStoreActor  ◄── insert ──  RolloutWorker × N (posterior / prior / backward)
+          │  sample                        ▲ pull weights        ▲ step() calls
+          ▼                                │                     │
+    LearnerActor ── publish ──► WeightStore        Coordinator (owns the workers)
+
+The store, the weight store and the coordinator are pinned to the driver's node, so losing
+another node loses only rollout workers (which the coordinator replaces); the learner is pinned
+there too unless it asks for a GPU. ``<run>/runtime.json`` names the Ray address and the actors,
+for ``rtb-ray status`` and ``rtb-ray scale``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from tqdm.auto import tqdm
+
+from actors.coordinator import Coordinator
+from actors.learner import LearnerActor
+from actors.replay import ReplayStoreActor
+from actors.weights import WeightStore
+from rtb_ray.config import ROLES, RunConfig, config_to_dict
+from rtb_ray.tasks import make_task
+from rtb_ray.trainer import format_eval, write_json
+
+NAMESPACE = "rtb-ray"
+RUNTIME_FILE = "runtime.json"
+
+
+def run_id(output: Path) -> str:
+    """Names the run's actors: readable, and unique per run directory on a shared cluster."""
+    digest = hashlib.sha256(str(output.resolve()).encode()).hexdigest()[:8]
+    return f"{output.name}-{digest}"
+
+
+def read_runtime(output: Path) -> dict[str, Any]:
+    path = Path(output) / RUNTIME_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{output} has no {RUNTIME_FILE}: not a run of the Ray runtime")
+    return json.loads(path.read_text())
+
+
+def init_ray(address: str | None, namespace: str = NAMESPACE) -> None:
+    """Start a local Ray (address None) or join one, with token authentication (see
+    actors/__init__.py). No dashboard: nothing listens that a run does not need."""
+    ray.init(address=address, namespace=namespace, include_dashboard=False,
+             log_to_driver=False, logging_level="ERROR")
+
+
+def connect(output: Path) -> tuple[dict[str, Any], Any]:
+    """Join the Ray cluster of a live run; returns (runtime.json, its coordinator)."""
+    info = read_runtime(output)
+    init_ray(info["address"], info["namespace"])
+    try:
+        return info, ray.get_actor(info["coordinator"], namespace=info["namespace"])
+    except ValueError:
+        raise RuntimeError(f"run {info['run']} is not running (no coordinator on "
+                           f"{info['address']})") from None
+
+
+def _prior_file(cfg: RunConfig) -> bytes | None:
+    """The prior checkpoint, pretrained here if missing, to ship to nodes that lack it."""
+    make_task(cfg.task).prior()
+    path = cfg.task.prior_path() if hasattr(cfg.task, "prior_path") else None
+    return path.read_bytes() if path is not None and path.exists() else None
+
+
+def _progress_postfix(status: dict[str, Any], metrics: dict[str, float]) -> dict[str, str]:
+    train, ev = status["train"], status["eval"]
+    out = {}
+    if "loss" in train:
+        out.update(loss=f"{train['loss']:.3g}", log_z=f"{train['log_z']:.3f}")
+    if "elbo" in ev:
+        out["elbo"] = f"{ev['elbo']:.3f}"
+    out["traj/s"] = f"{metrics.get('trajectories_per_s', 0):.0f}"
+    out["workers"] = "/".join(str(int(metrics.get(f"workers_{r}", 0))) for r in ROLES)
+    if "staleness_p50" in train:
+        out["stale p50/p90"] = f"{train['staleness_p50']:.0f}/{train['staleness_p90']:.0f}"
+    return out
+
+
+def train_on_ray(cfg: RunConfig, output: Path, *, address: str | None = None,
+                 resume: bool = False, tracking_uri: str | None = None,
+                 progress: bool = True) -> int:
+    """Run training on Ray; returns the exit status (0 done, 130 interrupted, 1 failed)."""
+    output = Path(output)
+    if resume and not (output / "checkpoint.pt").exists():
+        raise FileNotFoundError(f"nothing to resume: {output / 'checkpoint.pt'} does not exist")
+    if not resume and (output / "checkpoint.pt").exists():
+        raise FileExistsError(f"{output} already holds a run; pass --resume {output} to continue it")
+    prior_file = _prior_file(cfg)
+    output.mkdir(parents=True, exist_ok=True)
+
+    init_ray(address)
+    run = run_id(output)
+    names = {role: f"{run}/{role}" for role in ("store", "weights", "coordinator", "learner")}
+    write_json(output / RUNTIME_FILE, {
+        "run": run, "address": ray.get_runtime_context().gcs_address, "namespace": NAMESPACE,
+        **names, "driver_pid": os.getpid(), "started": time.time()})
+    try:
+        try:
+            learner, coordinator, store = _start_actors(cfg, output, run, names, resume,
+                                                        tracking_uri, prior_file)
+            tracking = ray.get(learner.tracking.remote())
+        except ray.exceptions.RayActorError as err:
+            print(f"rtb-ray: error: the learner failed to start: {err}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:  # before training started: nothing to checkpoint
+            print("interrupted while starting: no checkpoint written by this session")
+            return 130
+        print(f"run directory: {output}  (Ray: {ray.get_runtime_context().gcs_address}, "
+              f"run {run})")
+        print(f"  watch and scale it: rtb-ray status {output}; rtb-ray scale {output} --workers N")
+        if tracking is not None:
+            verb = "continues" if tracking["resumed"] == "True" else "is"
+            print(f"MLflow: this run {verb} run {tracking['run_id']} (experiment "
+                  f"{tracking['experiment']!r}); open it with\n  {tracking['ui_hint']}")
+        code = _watch(learner, coordinator, cfg, output, progress)
+        final_status = ray.get(coordinator.stop.remote())
+        ray.get(store.close.remote())  # seals the rows not yet on disk
+        final_status["replay"] = ray.get(store.stats.remote())
+        write_json(output / "runtime_status.json", final_status)
+        return code
+    finally:
+        ray.shutdown()
+
+
+def _start_actors(cfg: RunConfig, output: Path, run: str, names: dict[str, str], resume: bool,
+                  tracking_uri: str | None, prior_file: bytes | None) -> tuple[Any, Any, Any]:
+    """The store, weight store and coordinator on this (the driver's) node; the learner too
+    unless it wants a GPU. Returns (learner, coordinator, store)."""
+    rt, config = cfg.runtime, config_to_dict(cfg)
+    head = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    store = ReplayStoreActor.options(name=names["store"], scheduling_strategy=head).remote(
+        str(output / "replay") if rt.replay.persist else None,
+        capacity_trajectories=rt.replay.capacity, segment_rows=rt.replay.segment_rows,
+        run=run, seed=cfg.seed, samples_per_insert=rt.replay.samples_per_insert,
+        error_buffer=rt.replay.error_buffer or max(rt.replay.min_size_to_sample,
+                                                   2 * cfg.train.batch_size),
+        min_size_to_sample=rt.replay.min_size_to_sample)
+    weights = WeightStore.options(name=names["weights"], scheduling_strategy=head).remote()
+    coordinator = Coordinator.options(name=names["coordinator"], scheduling_strategy=head).remote(
+        config, run, NAMESPACE, store, weights, cfg.seed, [ray.put(prior_file)])
+    learner = LearnerActor.options(
+        name=names["learner"], num_cpus=rt.learner_num_cpus, num_gpus=rt.learner_num_gpus,
+        scheduling_strategy=head if rt.learner_num_gpus == 0 else "DEFAULT",
+    ).remote(config, str(output.resolve()), store, weights, coordinator, resume, tracking_uri)
+    return learner, coordinator, store
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _watch(learner: Any, coordinator: Any, cfg: RunConfig, output: Path, progress: bool) -> int:
+    """Wait for the learner, showing progress; Ctrl-C (or SIGTERM, e.g. from a job manager)
+    asks it to checkpoint and stop."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    done = learner.train.remote()
+    bar = tqdm(total=cfg.train.steps, desc="train", disable=not progress, mininterval=1.0)
+    last_eval_step = -1
+    try:
+        while True:
+            ready, _ = ray.wait([done], timeout=1.0)
+            status, metrics = ray.get([learner.status.remote(), coordinator.metrics.remote()])
+            bar.n = status["step"]
+            bar.set_postfix(_progress_postfix(status, metrics), refresh=True)
+            ev = status["eval"]
+            if ev and ev.get("step") != last_eval_step:
+                last_eval_step = ev.get("step")
+                bar.write(format_eval(ev))
+            if ready:
+                break
+    except KeyboardInterrupt:
+        bar.close()
+        print("stopping: the learner checkpoints; the workers finish their calls ...")
+        learner.stop.remote()
+        result = ray.get(done)
+        print(f"interrupted at step {result.get('step')}: checkpoint saved; continue with "
+              f"rtb-ray train CONFIG --resume {output}")
+        return 130
+    bar.close()
+    try:
+        result = ray.get(done)
+    except ray.exceptions.RayError as err:
+        print(f"rtb-ray: error: the learner failed: {err}")
+        return 1
+    print(format_eval(result))
+    print(f"final metrics: {output / 'final_eval.json'}")
+    return 0

@@ -1,0 +1,228 @@
+"""The Ray runtime end to end, on a real local Ray: `rtb-ray train` as a subprocess, driven the
+way a user would (`rtb-ray status`, `rtb-ray scale`, Ctrl-C, SIGKILL + --resume, a second node
+that goes away), checked against the run directory, the replay store on disk and MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from test_cli import CONFIG, ROOT, TINY, rtb_ray, sets  # noqa: E402
+
+# A run that goes on until stopped: the tests act on it while it trains.
+RUNTIME = [o for o in TINY if not o.startswith(("train.steps", "checkpoint_every"))] + [
+    "train.steps=100000", "checkpoint_every_steps=25", "train.log_every_steps=25",
+    "eval.every_steps=100000",
+    "runtime.rollout_batch_size=32", "runtime.worker_num_cpus=0.1",
+    "runtime.replay.min_size_to_sample=64", "runtime.replay.samples_per_insert=4",
+    "tracking.log_model=false",
+]
+
+
+def start(run: Path, cache: Path, *extra: str, overrides: list[str] = RUNTIME
+          ) -> subprocess.Popen:
+    args = ["train", str(CONFIG), "--no-progress", "--output", str(run), *extra,
+            *sets(overrides)]
+    return subprocess.Popen([sys.executable, "-m", "rtb_ray.cli", *args], cwd=ROOT,
+                            env={**os.environ, "RTB_RAY_CACHE": str(cache)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def wait_for(what: str, check, proc: subprocess.Popen | None = None, timeout: float = 180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) while waiting for "
+                                 f"{what}:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def status(run: Path, cache: Path) -> dict:
+    if not (run / "runtime.json").exists():  # the driver is still starting
+        return {"workers": [], "totals": {"replaced": 0}}
+    proc = rtb_ray("status", str(run), "--json", cache=cache)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def learner_step(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return max((r["step"] for r in rows if r["kind"] == "train"), default=0)
+
+
+def active(s: dict, role: str) -> list[dict]:
+    return [w for w in s["workers"] if w["role"] == role and not w["retiring"]]
+
+
+def stop(proc: subprocess.Popen) -> str:
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 130, out[-3000:]
+    return out
+
+
+def stored_rows(run: Path):
+    return ds.dataset(run / "replay", format="ipc").to_table()
+
+
+def check_nothing_lost(run: Path) -> dict:
+    """Every trajectory a worker call reported inserted is in the store, and every stored row
+    is on disk once the store is closed."""
+    final = json.loads((run / "runtime_status.json").read_text())
+    store = final["replay"]
+    assert store["inserted"] >= final["totals"]["inserted"] > 0
+    assert store["sealed_rows"] == store["inserted"]  # this session's rows, all on disk
+    assert stored_rows(run).num_rows == store["loaded"] + store["sealed_rows"]
+    return final
+
+
+def test_kill_and_scale_workers_while_training(tmp_path, cache):
+    run = tmp_path / "run"
+    proc = start(run, cache)
+    try:
+        wait_for("training", lambda: learner_step(run) >= 50, proc)
+        s = status(run, cache)
+        assert {r: len(active(s, r)) for r in ("posterior", "prior", "backward")} == {
+            "posterior": 1, "prior": 1, "backward": 1}
+        assert "posterior" in rtb_ray("status", str(run), cache=cache).stdout
+
+        # kill the posterior worker: the coordinator replaces it and training goes on
+        info = json.loads((run / "runtime.json").read_text())
+        victim = active(s, "posterior")[0]["name"]
+        from actors.driver import init_ray
+
+        init_ray(info["address"], info["namespace"])
+        try:
+            ray.kill(ray.get_actor(victim))
+        finally:
+            ray.shutdown()
+        step = learner_step(run)
+        s = wait_for("a replacement worker", lambda: (lambda s: s if s["totals"]["replaced"] >= 1
+                     and len(active(s, "posterior")) == 1 and active(s, "posterior")[0]["calls"]
+                     > 0 else None)(status(run, cache)), proc)
+        assert active(s, "posterior")[0]["name"] != victim
+        wait_for("training after the kill", lambda: learner_step(run) > step + 25, proc)
+
+        # scale 1 → 3 → 1 posterior workers, without a restart
+        assert rtb_ray("scale", str(run), "--role", "posterior=3", cache=cache).returncode == 0
+        s = wait_for("3 posterior workers sampling", lambda: (lambda s: s if len(
+            [w for w in active(s, "posterior") if w["calls"] > 0]) == 3 else None)(
+            status(run, cache)), proc)
+        assert s["targets"]["posterior"] == 3
+        assert rtb_ray("scale", str(run), "--role", "posterior=1", cache=cache).returncode == 0
+        s = wait_for("back to 1 posterior worker", lambda: (lambda s: s if len(
+            [w for w in s["workers"] if w["role"] == "posterior"]) == 1 else None)(
+            status(run, cache)), proc)
+        assert s["totals"]["retired"] == 2
+        bad = rtb_ray("scale", str(run), "--role", "critic=2", cache=cache)
+        assert bad.returncode == 2 and "critic" in bad.stderr
+        step = learner_step(run)
+        wait_for("training after scaling", lambda: learner_step(run) > step + 25, proc)
+    finally:
+        out = stop(proc) if proc.poll() is None else proc.stdout.read()
+    assert "checkpoint saved" in out
+    final = check_nothing_lost(run)
+    assert final["totals"]["replaced"] == 1
+    # the store of the run holds both roles' trajectories, and the learner's versions
+    table = stored_rows(run)
+    sources = set(table.column("source").to_pylist())
+    assert {"prior", "backward"} <= sources and sources & {"posterior", "explore"}
+    posterior = table.filter(pc.is_in(table.column("source"),
+                                      value_set=__import__("pyarrow").array(["posterior",
+                                                                             "explore"])))
+    assert pc.max(posterior.column("policy_version")).as_py() > 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert {"staleness_p50", "staleness_p90", "staleness_max", "workers_posterior",
+            "trajectories_per_s"} <= set(train[-1])
+
+
+def test_sigkill_of_the_driver_then_resume(tmp_path, cache):
+    run = tmp_path / "run"
+    proc = start(run, cache)
+    try:
+        wait_for("a checkpoint", lambda: (run / "checkpoint.pt").exists()
+                 and learner_step(run) >= 50, proc)
+        time.sleep(2)  # some rows sealed into segments
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)["learner"]["step"]
+    mlflow_run = json.loads((run / "mlflow_run.json").read_text())["run_id"]
+    on_disk = stored_rows(run).num_rows
+    assert on_disk > 0
+
+    more = [o for o in RUNTIME if not o.startswith("train.steps")] + [
+        f"train.steps={saved + 25}"]
+    again = rtb_ray("train", str(CONFIG), "--no-progress", "--resume", str(run), *sets(more),
+                    cache=cache)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"continues run {mlflow_run}" in again.stdout
+    final = json.loads((run / "final_eval.json").read_text())
+    assert final["step"] == saved + 25
+    status_file = json.loads((run / "runtime_status.json").read_text())
+    assert status_file["replay"]["loaded"] == on_disk  # the store reopened its segments
+    check_nothing_lost(run)
+
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    history = client.get_metric_history(mlflow_run, "train/loss")
+    assert max(m.step for m in history) == saved + 25
+    assert client.get_run(mlflow_run).data.tags["resumed_at_step"] == str(saved)
+
+
+def test_two_node_cluster_survives_losing_a_node(tmp_path, cache):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    second = cluster.add_node(num_cpus=2, resources={"second_node": 1})
+    cluster.wait_for_nodes()
+    run = tmp_path / "run"
+    try:
+        # the README's "Run on a cluster" commands: train against the cluster, status, scale
+        proc = start(run, cache, "--address", cluster.address, overrides=RUNTIME + [
+            "runtime.workers={posterior: 2, prior: 1, backward: 1}"])
+        try:
+            s = wait_for("workers on both nodes", lambda: (lambda s: s if len(
+                {w["node"] for w in s["workers"] if w["calls"] > 0}) == 2 else None)(
+                status(run, cache)), proc)
+            assert second.node_id in {w["node"] for w in s["workers"]}
+            assert rtb_ray("scale", str(run), "--workers", "5", cache=cache).returncode == 0
+            wait_for("5 workers", lambda: len(status(run, cache)["workers"]) == 5, proc)
+            cluster.remove_node(second)
+            step = learner_step(run)
+            s = wait_for("replacements on the head", lambda: (lambda s: s if
+                         s["totals"]["replaced"] >= 1 and len(
+                             [w for w in s["workers"] if w["calls"] > 0]) == 5 else None)(
+                status(run, cache)), proc)
+            assert {w["node"] for w in s["workers"] if w["calls"] > 0} == {
+                cluster.head_node.node_id}
+            wait_for("training after the node left", lambda: learner_step(run) > step + 25, proc)
+        finally:
+            out = stop(proc) if proc.poll() is None else proc.stdout.read()
+        assert "checkpoint saved" in out
+        final = check_nothing_lost(run)
+        assert len(final["inserted_by_node"]) == 2
+    finally:
+        cluster.shutdown()
