@@ -33,7 +33,7 @@ from actors.replay import ReplayStoreActor
 from actors.weights import WeightStore
 from rtb_ray.config import ROLES, RunConfig, config_to_dict
 from rtb_ray.tasks import make_task
-from rtb_ray.trainer import format_eval, write_json
+from rtb_ray.trainer import format_eval, load_run_checkpoint, write_json
 
 NAMESPACE = "rtb-ray"
 RUNTIME_FILE = "runtime.json"
@@ -70,9 +70,14 @@ def connect(output: Path) -> tuple[dict[str, Any], Any]:
                            f"{info['address']})") from None
 
 
-def _prior_file(cfg: RunConfig) -> bytes | None:
-    """The prior checkpoint, pretrained here if missing, to ship to nodes that lack it."""
-    make_task(cfg.task).prior()
+def _prior_file(cfg: RunConfig, resume_from: Path | None) -> bytes | None:
+    """The prior checkpoint, pretrained here if missing, to ship to nodes that lack it; a run
+    checkpoint to resume is checked against the task and network first (a clear error here,
+    before any actor starts)."""
+    task = make_task(cfg.task)
+    prior = task.prior()
+    if resume_from is not None:
+        load_run_checkpoint(resume_from, task.name, prior)
     path = cfg.task.prior_path() if hasattr(cfg.task, "prior_path") else None
     return path.read_bytes() if path is not None and path.exists() else None
 
@@ -100,7 +105,9 @@ def train_on_ray(cfg: RunConfig, output: Path, *, address: str | None = None,
         raise FileNotFoundError(f"nothing to resume: {output / 'checkpoint.pt'} does not exist")
     if not resume and (output / "checkpoint.pt").exists():
         raise FileExistsError(f"{output} already holds a run; pass --resume {output} to continue it")
-    prior_file = _prior_file(cfg)
+    prior_file = _prior_file(cfg, output / "checkpoint.pt" if resume else None)
+    # SIGTERM (e.g. `ray job stop`, a batch system) stops the run like Ctrl-C does
+    signal.signal(signal.SIGTERM, _interrupt)
     output.mkdir(parents=True, exist_ok=True)
 
     init_ray(address)
@@ -167,7 +174,6 @@ def _interrupt(signum: int, frame: Any) -> None:
 def _watch(learner: Any, coordinator: Any, cfg: RunConfig, output: Path, progress: bool) -> int:
     """Wait for the learner, showing progress; Ctrl-C (or SIGTERM, e.g. from a job manager)
     asks it to checkpoint and stop."""
-    signal.signal(signal.SIGTERM, _interrupt)
     done = learner.train.remote()
     bar = tqdm(total=cfg.train.steps, desc="train", disable=not progress, mininterval=1.0)
     last_eval_step = -1
@@ -185,7 +191,7 @@ def _watch(learner: Any, coordinator: Any, cfg: RunConfig, output: Path, progres
                 break
     except KeyboardInterrupt:
         bar.close()
-        print("stopping: the learner checkpoints; the workers finish their calls ...")
+        print("stopping: the learner checkpoints ...")
         learner.stop.remote()
         result = ray.get(done)
         print(f"interrupted at step {result.get('step')}: checkpoint saved; continue with "

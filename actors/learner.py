@@ -47,6 +47,7 @@ class LearnerActor:
                                      publish=self._publish, runtime_stats=self._runtime_stats,
                                      flush_store=lambda: ray.get(store.flush.remote(600)),
                                      resume=resume, tracking_uri=tracking_uri,
+                                     ray_address=ray.get_runtime_context().gcs_address,
                                      torch_threads=cfg.torch_threads or max(1, int(cpus)))
 
     # -- the trainer's connections ---------------------------------------------------------------

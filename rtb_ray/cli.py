@@ -295,7 +295,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     cfg = load_config(cfg_path)
     task = make_task(cfg.task)
     prior = task.prior()
-    ckpt = load_run_checkpoint(args.run_dir / "checkpoint.pt", task.name)
+    ckpt = load_run_checkpoint(args.run_dir / "checkpoint.pt", task.name, prior)
     posterior = copy.deepcopy(prior)
     posterior.load_state_dict(ckpt["learner"]["posterior"])
     gen = torch.Generator().manual_seed(args.seed)

@@ -118,7 +118,8 @@ class Trainer:
     (``InProcessTrainer``: sampled right here; ``ReplayTrainer``: drawn from the replay store)."""
 
     def __init__(self, cfg: RunConfig, output: Path, resume: bool = False, progress: bool = True,
-                 tracking_uri: str | None = None, torch_threads: int | None = None):
+                 tracking_uri: str | None = None, torch_threads: int | None = None,
+                 ray_address: str | None = None):
         self.cfg = cfg
         self.output = Path(output)
         self.progress = progress
@@ -139,7 +140,7 @@ class Trainer:
         if resume:
             if not ckpt.exists():
                 raise FileNotFoundError(f"nothing to resume: {ckpt} does not exist")
-            self.load_checkpoint(load_run_checkpoint(ckpt, self.task.name))
+            self.load_checkpoint(load_run_checkpoint(ckpt, self.task.name, prior))
         elif ckpt.exists():
             raise FileExistsError(f"{self.output} already holds a run; pass --resume to continue it")
         (self.output / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
@@ -151,7 +152,7 @@ class Trainer:
         self.tracker: MlflowTracker | None = None
         if cfg.tracking.enabled:
             self.tracker = open_run_tracker(self.output, cfg, resume=resume,
-                                            tracking_uri=tracking_uri)
+                                            tracking_uri=tracking_uri, ray_address=ray_address)
             if resume:
                 self.tracker.set_tags({"resumed_at_step": self.learner.step_count})
 
@@ -385,9 +386,9 @@ class ReplayTrainer(Trainer):
                  runtime_stats: Callable[[], dict[str, float]] | None = None,
                  flush_store: Callable[[], None] | None = None,
                  resume: bool = False, tracking_uri: str | None = None,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, ray_address: str | None = None):
         super().__init__(cfg, output, resume, progress=False, tracking_uri=tracking_uri,
-                         torch_threads=torch_threads)
+                         torch_threads=torch_threads, ray_address=ray_address)
         self.sample_batch, self.publish, self.runtime_stats = sample_batch, publish, runtime_stats
         self.flush_store = flush_store
         self.staleness: list[Tensor] = []
@@ -438,10 +439,19 @@ def format_eval(m: dict[str, float]) -> str:
     return "eval " + " ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
 
 
-def load_run_checkpoint(path: Path, task: str) -> dict:
+def load_run_checkpoint(path: Path, task: str, network: torch.nn.Module | None = None) -> dict:
+    """A run checkpoint (``weights_only``), refused with a ValueError if it is not one, is of
+    another task, or (given the task's ``network``) holds a posterior of another shape."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an rtb-ray run checkpoint")
     if ckpt["task"] != task:
         raise ValueError(f"{path} is a checkpoint of task {ckpt['task']!r}, not {task!r}")
+    if network is not None:
+        mine = {k: tuple(v.shape) for k, v in network.state_dict().items()}
+        theirs = {k: tuple(v.shape) for k, v in ckpt["learner"]["posterior"].items()}
+        if mine != theirs:
+            diff = sorted(set(mine.items()) ^ set(theirs.items()))[:2]
+            raise ValueError(f"{path} holds a posterior of another shape than this config's "
+                             f"network (e.g. {diff}); resume with the settings it was made with")
     return ckpt

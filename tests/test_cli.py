@@ -107,6 +107,13 @@ def test_train_resume_sample_end_to_end(tmp_path, cache):
     # a finished run is not overwritten by accident
     again = rtb_ray("train", str(CONFIG), "--output", str(run), *sets(TINY), cache=cache)
     assert again.returncode == 2 and "--resume" in again.stderr
+    # nor continued with a network of another shape, by either runtime (before Ray starts)
+    before = (run / "checkpoint.pt").read_bytes()
+    for runtime in (["--in-process"], []):
+        other = rtb_ray("train", str(CONFIG), *runtime, "--resume", str(run), *sets(TINY),
+                        "--set", "task.hidden=16", cache=cache)
+        assert other.returncode == 2 and "another shape" in other.stderr, other.stderr
+    assert (run / "checkpoint.pt").read_bytes() == before
     # resume continues from step 10 to 20 (train.steps raised on the command line)
     rtb_ray("train", str(CONFIG), "--in-process", "--no-progress", "--output", str(run), "--resume",
             *sets(TINY), cache=cache, check=True)
