@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -60,8 +61,18 @@ def init_ray(address: str | None, namespace: str = NAMESPACE) -> None:
 
 
 def connect(output: Path) -> tuple[dict[str, Any], Any]:
-    """Join the Ray cluster of a live run; returns (runtime.json, its coordinator)."""
+    """Join the Ray cluster of a live run; returns (runtime.json, its coordinator). Fails fast
+    (RuntimeError) when the run has ended or its cluster is unreachable."""
     info = read_runtime(output)
+    if "ended" in info:
+        raise RuntimeError(f"run {info['run']} ended ({info['ended']}); its final status is in "
+                           f"{Path(output) / 'runtime_status.json'}")
+    host, _, port = info["address"].rpartition(":")
+    try:  # ray.init would retry an unreachable address for a minute
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError:
+        raise RuntimeError(f"run {info['run']} is not running (nothing answers at "
+                           f"{info['address']})") from None
     init_ray(info["address"], info["namespace"])
     try:
         return info, ray.get_actor(info["coordinator"], namespace=info["namespace"])
@@ -142,6 +153,8 @@ def train_on_ray(cfg: RunConfig, output: Path, *, address: str | None = None,
         return code
     finally:
         ray.shutdown()
+        info = read_runtime(output)
+        write_json(output / RUNTIME_FILE, {**info, "ended": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
 def _start_actors(cfg: RunConfig, output: Path, run: str, names: dict[str, str], resume: bool,

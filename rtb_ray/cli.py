@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -144,6 +145,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume = bool(args.resume)
     output = output or Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not args.in_process:
+        if args.address is None:
+            # The local Ray instance serves this machine only: Ray's single-node switch makes
+            # every Ray server (GCS, raylet, workers, agents) bind 127.0.0.1. Read on import.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         from actors.driver import train_on_ray
 
         if args.address is not None and args.address != "auto" and ":" not in args.address:

@@ -34,6 +34,12 @@ def rtb_ray(*args: str, cache: Path, check: bool = False) -> subprocess.Complete
     return proc
 
 
+def default_sigint() -> None:
+    """For Popen(preexec_fn=...): Ctrl-C must reach the CLI under test even when this test
+    process inherited an ignored SIGINT (as background jobs of non-interactive shells do)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def sets(items: list[str]) -> list[str]:
     return [a for item in items for a in ("--set", item)]
 
@@ -80,7 +86,8 @@ def test_ctrl_c_checkpoints_and_resume_continues(tmp_path, cache):
             "--set", "train.steps=100000", "--set", "checkpoint_every_steps=100000"]
     proc = subprocess.Popen([sys.executable, "-m", "rtb_ray.cli", *args], cwd=ROOT,
                             env={**os.environ, "RTB_RAY_CACHE": str(cache)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     deadline = time.time() + 120
     while time.time() < deadline and not (
         (run / "metrics.jsonl").exists() and '"train"' in (run / "metrics.jsonl").read_text()

@@ -19,7 +19,7 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from test_cli import CONFIG, ROOT, TINY, rtb_ray, sets  # noqa: E402
+from test_cli import CONFIG, ROOT, TINY, default_sigint, rtb_ray, sets  # noqa: E402
 
 # A run that goes on until stopped: the tests act on it while it trains.
 RUNTIME = [o for o in TINY if not o.startswith(("train.steps", "checkpoint_every"))] + [
@@ -38,7 +38,7 @@ def start(run: Path, cache: Path, *extra: str, overrides: list[str] = RUNTIME
     return subprocess.Popen([sys.executable, "-m", "rtb_ray.cli", *args], cwd=ROOT,
                             env={**os.environ, "RTB_RAY_CACHE": str(cache)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=default_sigint)
 
 
 def wait_for(what: str, check, proc: subprocess.Popen | None = None, timeout: float = 180):
@@ -75,8 +75,14 @@ def active(s: dict, role: str) -> list[dict]:
 
 
 def stop(proc: subprocess.Popen) -> str:
+    """Ctrl-C; the run must checkpoint and exit 130 (a run that does not is killed, with its
+    Ray, so that a failing test leaves nothing running)."""
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=180)
+    try:
+        out, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     assert proc.returncode == 130, out[-3000:]
     return out
 
@@ -108,6 +114,7 @@ def test_kill_and_scale_workers_while_training(tmp_path, cache):
 
         # kill the posterior worker: the coordinator replaces it and training goes on
         info = json.loads((run / "runtime.json").read_text())
+        assert info["address"].startswith("127.0.0.1:")  # the local Ray binds loopback only
         victim = active(s, "posterior")[0]["name"]
         from actors.driver import init_ray
 
