@@ -145,10 +145,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume = bool(args.resume)
     output = output or Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not args.in_process:
-        if args.address is None:
-            # The local Ray instance serves this machine only: Ray's single-node switch makes
-            # every Ray server (GCS, raylet, workers, agents) bind 127.0.0.1. Read on import.
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        single_node_ray(args.address)
         from actors.driver import train_on_ray
 
         if args.address is not None and args.address != "auto" and ":" not in args.address:
@@ -201,7 +198,23 @@ def split_workers(total: int, shares: dict[str, int]) -> dict[str, int]:
     return {**{r: 0 for r in shares}, **counts}
 
 
+def single_node_ray(address: str | None) -> None:
+    """Without an address, the local Ray instance serves this machine only: Ray's single-node
+    switch makes every Ray server (GCS, raylet, workers, agents) bind 127.0.0.1. A process that
+    joins such an instance (a loopback address) must run in the same mode, or it looks for its
+    raylet on the machine's external address. Ray reads the switch on import: call this first."""
+    host = None if address is None else address.rpartition(":")[0]
+    if address is None or host in ("127.0.0.1", "localhost"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def _run_address(run_dir: Path) -> str | None:
+    path = run_dir / "runtime.json"
+    return json.loads(path.read_text()).get("address") if path.exists() else None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    single_node_ray(_run_address(args.run_dir) or "auto")
     import ray
 
     from actors.driver import connect
@@ -247,6 +260,7 @@ def format_status(s: dict) -> str:
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
+    single_node_ray(_run_address(args.run_dir) or "auto")
     import ray
 
     from actors.driver import connect
