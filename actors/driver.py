@@ -214,7 +214,7 @@ def _watch(learner: Any, coordinator: Any, cfg: RunConfig, output: Path, progres
     try:
         result = ray.get(done)
     except ray.exceptions.RayError as err:
-        print(f"rtb-ray: error: the learner failed: {err}")
+        print(f"rtb-ray: error: the learner failed: {err}", file=sys.stderr)
         return 1
     print(format_eval(result))
     print(f"final metrics: {output / 'final_eval.json'}")

@@ -41,9 +41,6 @@ class WeightStore:
         """(version, [ref] or [], learner step)."""
         return self._version, [] if self._ref is None else [self._ref], self._learner_step
 
-    def version(self) -> int:
-        return self._version
-
     def stats(self) -> dict[str, int]:
         return {"version": self._version, "learner_step": self._learner_step,
                 "published": self._published}
