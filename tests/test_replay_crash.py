@@ -56,7 +56,9 @@ def run_and_kill(directory: Path, script: Path, kill_mid_write: bool) -> tuple[i
     else:
         time.sleep(random.uniform(0.05, 0.3))
     child.send_signal(signal.SIGKILL)
-    lines = child.communicate(timeout=20)[0].split("\n")  # (stderr: empty, it was killed)
+    # (stderr: empty, it was killed). The kill may cut the last line short: only whole
+    # lines, those followed by a newline, count.
+    lines = child.communicate(timeout=20)[0].split("\n")[:-1]
     sealed = [int(line.split()[1]) for line in lines if line.startswith("sealed_rows")]
     return (sealed[-1] if sealed else 0), int(ready[1])
 
