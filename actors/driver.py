@@ -33,6 +33,7 @@ from actors.learner import LearnerActor
 from actors.replay import ReplayStoreActor
 from actors.weights import WeightStore
 from rtb_ray.config import ROLES, RunConfig, config_to_dict
+from rtb_ray.learner import make_posterior
 from rtb_ray.tasks import make_task
 from rtb_ray.trainer import format_eval, load_run_checkpoint, write_json
 
@@ -88,7 +89,7 @@ def _prior_file(cfg: RunConfig, resume_from: Path | None) -> bytes | None:
     task = make_task(cfg.task)
     prior = task.prior()
     if resume_from is not None:
-        load_run_checkpoint(resume_from, task.name, prior)
+        load_run_checkpoint(resume_from, task.name, make_posterior(prior, cfg.train.adapter))
     path = cfg.task.prior_path() if hasattr(cfg.task, "prior_path") else None
     return path.read_bytes() if path is not None and path.exists() else None
 

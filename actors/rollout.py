@@ -10,7 +10,6 @@ the weights in its constructor.
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from typing import Any
@@ -19,6 +18,7 @@ import ray
 import torch
 
 from rtb_ray.config import ROLES, validate_config
+from rtb_ray.learner import make_posterior
 from rtb_ray.metrics import sir_indices
 from rtb_ray.replay import Mixture, Recency
 from rtb_ray.rollout import Sampler
@@ -51,7 +51,7 @@ class RolloutWorker:
         self.cfg = validate_config(config)
         self.task = make_task(self.cfg.task)
         prior = self.task.prior()
-        self.sampler = Sampler(self.task, prior, copy.deepcopy(prior))
+        self.sampler = Sampler(self.task, prior, make_posterior(prior, self.cfg.train.adapter))
         self.role, self.name, self.store, self.weights = role, name, store, weights
         self.version = -1
         self.learner_step = 0

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from rtb_ray.metrics import mode_weights, sliced_wasserstein, total_variation
 from rtb_ray.networks import TimeMLP
-from rtb_ray.pretrain import load_prior, pretrain_bridge_matching, save_prior
+from rtb_ray.pretrain import load_prior, pretrain_prior, save_prior
 from rtb_ray.transitions import PinnedBrownian
 
 GRID = torch.tensor([-10.0, -5.0, 0.0, 5.0, 10.0])
@@ -147,7 +147,7 @@ class GMM25Task:
         net = self.new_network()
         uniform = torch.full((25,), 1 / 25)
         start = time.perf_counter()
-        pretrain_bridge_matching(
+        pretrain_prior(
             self.family, net, lambda n, g: mixture_sample(n, CENTERS_25, uniform, g),
             steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
             progress=progress,
@@ -191,8 +191,9 @@ class GMM25Task:
     def conditions(self, n: int) -> None:
         return None
 
-    def reference_log_z(self) -> float:
-        return self.stats["log_z_theta"]
+    def reference_log_z(self, beta: float = 1.0) -> float | None:
+        """log Z_θ = log E_θ[r], estimated at pretraining (for β = 1 only)."""
+        return self.stats["log_z_theta"] if beta == 1.0 else None
 
     def _reference_samples(self, n: int) -> tuple[Tensor, float]:
         if n not in self._reference:

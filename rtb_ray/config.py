@@ -52,6 +52,15 @@ class ObjectiveConfig(Strict):
     )
 
 
+class AdapterConfig(Strict):
+    """What of the posterior network is trained: all of it (``full``) or low-rank adapters on
+    every linear layer of a frozen copy of the prior (``lora``)."""
+
+    kind: Literal["full", "lora"] = "full"
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(8.0, gt=0, description="the adapters' output is scaled by alpha/rank")
+
+
 class TrainConfig(Strict):
     steps: int = Field(5000, ge=1)
     batch_size: int = Field(256, ge=1)
@@ -61,6 +70,7 @@ class TrainConfig(Strict):
     lr_final_fraction: float = Field(0.0, ge=0, le=1)
     grad_clip: float | None = Field(None, gt=0)
     explore: ExploreConfig = ExploreConfig()
+    adapter: AdapterConfig = AdapterConfig()
     sources: dict[str, float] = Field(
         default_factory=lambda: {"posterior": 1.0},
         description="share of each batch per source: posterior, prior, backward",
@@ -247,9 +257,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    for key, value in parse_overrides(overrides or []):
+    return validate_config(apply_overrides(data, overrides or []))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``key.path=value`` settings (values parsed as YAML) written into a config tree."""
+    for key, value in parse_overrides(overrides):
         _set_path(data, key, value)
-    return validate_config(data)
+    return data
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -8,10 +8,21 @@ import math
 import torch
 from torch import nn
 
-from rtb_ray.config import TrainConfig
+from rtb_ray.config import AdapterConfig, TrainConfig
+from rtb_ray.networks import add_lora
 from rtb_ray.objectives import rtb_backward
 from rtb_ray.trajectory import TrajectoryBatch
 from rtb_ray.transitions import TransitionFamily
+
+
+def make_posterior(prior: nn.Module, adapter: AdapterConfig) -> nn.Module:
+    """The posterior network: a trainable copy of the prior, or the frozen prior with LoRA
+    adapters. Starts equal to the prior either way. Workers and ``rtb-ray sample`` build it
+    with this function too, so every state dict fits every copy."""
+    posterior = copy.deepcopy(prior).requires_grad_(True)
+    if adapter.kind == "lora":
+        add_lora(posterior, adapter.rank, adapter.alpha)
+    return posterior
 
 
 class Learner:
@@ -31,11 +42,12 @@ class Learner:
         self.cfg = cfg
         self.device = torch.device(device)
         self.prior = prior.to(self.device).requires_grad_(False).eval()
-        self.posterior = copy.deepcopy(self.prior).requires_grad_(True).train()
+        self.posterior = make_posterior(self.prior, cfg.adapter).to(self.device).train()
         self.log_z = torch.zeros((), device=self.device, requires_grad=True)
+        self.trainable = [p for p in self.posterior.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(
             [
-                {"params": list(self.posterior.parameters()), "lr": cfg.lr},
+                {"params": self.trainable, "lr": cfg.lr},
                 {"params": [self.log_z], "lr": cfg.lr_log_z},
             ]
         )
@@ -62,7 +74,7 @@ class Learner:
         )
         if self.cfg.grad_clip is not None:
             stats["grad_norm"] = nn.utils.clip_grad_norm_(
-                self.posterior.parameters(), self.cfg.grad_clip
+                self.trainable, self.cfg.grad_clip
             ).item()
         self.optimizer.step()
         self.scheduler.step()

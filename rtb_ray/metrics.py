@@ -107,3 +107,29 @@ def posterior_metrics(
         if "eubo" in out:
             out["eubo_gap"] = out["eubo"] - reference_log_z
     return out
+
+
+def frechet_distance(x: Tensor, y: Tensor) -> float:
+    """‖μx − μy‖² + Tr(Σx + Σy − 2(Σx Σy)^½) between Gaussians fitted to two feature sets
+    (FID's formula, in whatever fixed feature space the caller chose). Tr (Σx Σy)^½ is the sum
+    of the square roots of the eigenvalues of Σx^½ Σy Σx^½, a symmetric PSD matrix."""
+    x, y = x.double(), y.double()
+    mu = (x.mean(0) - y.mean(0)).square().sum()
+    cx, cy = torch.cov(x.T), torch.cov(y.T)
+    evals, evecs = torch.linalg.eigh(cx)
+    root_x = evecs @ torch.diag(evals.clamp_min(0).sqrt()) @ evecs.T
+    cross = torch.linalg.eigvalsh(root_x @ cy @ root_x).clamp_min(0).sqrt().sum()
+    return (mu + torch.trace(cx) + torch.trace(cy) - 2 * cross).item()
+
+
+def mean_pairwise_cosine_distance(
+    x: Tensor, max_samples: int = 2000, generator: torch.Generator | None = None
+) -> float:
+    """Diversity: 1 − cos between distinct pairs, averaged (on a random subset of at most
+    ``max_samples`` rows: the pair count is quadratic)."""
+    if x.shape[0] > max_samples:
+        x = x[torch.randperm(x.shape[0], generator=generator)[:max_samples]]
+    n = x.shape[0]
+    unit = torch.nn.functional.normalize(x.double().flatten(1), dim=1)
+    similarity = unit @ unit.T
+    return (1.0 - (similarity.sum() - similarity.diagonal().sum()) / (n * (n - 1))).item()

@@ -63,3 +63,30 @@ class TimeMLP(nn.Module):
                 raise ValueError("this network is conditional: pass cond")
             h = h + self.cond_input(cond)
         return self.trunk(h)
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + (alpha/rank)·x Aᵀ Bᵀ`` with the base frozen (Hu et al., LoRA). B starts at
+    zero, so the adapted network starts as the base network."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_a = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
+        self.scale = alpha / rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.scale * (x @ self.lora_a.T) @ self.lora_b.T
+
+
+def add_lora(net: nn.Module, rank: int, alpha: float) -> nn.Module:
+    """Wrap every ``nn.Linear`` of ``net`` (in place) in a LoRA adapter; only the adapters
+    stay trainable."""
+    net.requires_grad_(False)
+    for name, child in list(net.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(net, name, LoRALinear(child, rank, alpha))
+        else:
+            add_lora(child, rank, alpha)
+    return net

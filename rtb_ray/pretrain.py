@@ -1,10 +1,8 @@
 """Prior pretraining and prior checkpoints.
 
-For the pinned Brownian motion, path maximum likelihood on bridge-noised data has a closed-form
-Rao-Blackwellised target: given x_1 and x_t on the Brownian bridge from 0, the expected
-increment is dt·(x_1 − x_t)/(1 − t). Regressing the drift on that target has the same optimum
-as maximising Σ_t log p_θ(x_{t+1}|x_t) on sampled bridge paths, with far less variance
-("bridge matching").
+One loop for every task: the transition family knows its pretraining loss (bridge matching for
+the pinned Brownian motion, ε-matching for DDPMs, ``family.pretrain_loss``); the task supplies
+data samples.
 """
 
 from __future__ import annotations
@@ -19,25 +17,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from rtb_ray.transitions import PinnedBrownian
-
 PRIOR_FORMAT = "rtb-ray-prior/1"
 
 
-def bridge_matching_loss(
-    family: PinnedBrownian, net: nn.Module, x1: Tensor, generator: torch.Generator | None = None
-) -> Tensor:
-    n = x1.shape[0]
-    k = torch.randint(0, family.num_steps, (n,), generator=generator)
-    t = (k.float() / family.num_steps)[:, None]
-    z = torch.randn(x1.shape, generator=generator)
-    x_t = t * x1 + (family.sigma**2 * t * (1 - t)).sqrt() * z
-    target = (x1 - x_t) / (1 - t)
-    return (family.drift(net, x_t, k) - target).square().sum(-1).mean()
-
-
-def pretrain_bridge_matching(
-    family: PinnedBrownian,
+def pretrain_prior(
+    family: Any,
     net: nn.Module,
     sample_data: Callable[[int, torch.Generator], Tensor],
     steps: int,
@@ -46,7 +30,8 @@ def pretrain_bridge_matching(
     seed: int = 0,
     progress: bool = True,
 ) -> list[float]:
-    """Fit ``net`` as the drift of a prior whose terminal marginal is the data distribution."""
+    """Fit ``net`` so that the family's process ends in the data distribution (Adam, cosine
+    learning rate). Returns the loss every 100 steps."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -55,7 +40,7 @@ def pretrain_bridge_matching(
     losses: list[float] = []
     bar = tqdm(range(steps), desc="pretrain prior", disable=not progress, mininterval=1.0)
     for step in bar:
-        loss = bridge_matching_loss(family, net, sample_data(batch_size, gen), gen)
+        loss = family.pretrain_loss(net, sample_data(batch_size, gen), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -34,8 +34,9 @@ class Task(Protocol):
         """Task-specific metrics of posterior terminal samples (mode weights, distances...)."""
         ...
 
-    def reference_log_z(self) -> float | None:
-        """log of the target's normaliser under the learned prior, when the task knows it."""
+    def reference_log_z(self, beta: float = 1.0) -> float | None:
+        """log E_prior[r^β], the target's normaliser under the learned prior, when the task
+        knows it."""
         ...
 
     def plot(self, x: Tensor, path: Path, title: str = "") -> None:

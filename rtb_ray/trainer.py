@@ -140,7 +140,7 @@ class Trainer:
         if resume:
             if not ckpt.exists():
                 raise FileNotFoundError(f"nothing to resume: {ckpt} does not exist")
-            self.load_checkpoint(load_run_checkpoint(ckpt, self.task.name, prior))
+            self.load_checkpoint(load_run_checkpoint(ckpt, self.task.name, self.learner.posterior))
         elif ckpt.exists():
             raise FileExistsError(f"{self.output} already holds a run; pass --resume to continue it")
         (self.output / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
@@ -179,7 +179,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(10_000 + self.learner.step_count)
         samples = self.sampler.rollout(Source.POSTERIOR, n, generator=gen)
         beta = self.cfg.train.objective.beta
-        ref = self.task.reference_log_z()
+        ref = self.task.reference_log_z(beta)
         metrics = posterior_metrics(self.task.family, self.learner.posterior, self.learner.prior,
                                     samples, self.target_pool, beta, ref, generator=gen)
         metrics.update(self.task.evaluate(samples.terminal.cpu()))

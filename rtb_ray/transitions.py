@@ -9,7 +9,7 @@ same three methods (``sample``, ``step_log_probs``, ``backward_sample``).
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -159,3 +159,155 @@ class PinnedBrownian:
             states[:, t] = states[:, t + 1] * shrink + noise[:, t] * math.sqrt(var)
             log_q += _normal_log_prob(noise[:, t] * math.sqrt(var), torch.zeros_like(x), var)
         return states, log_q
+
+    def pretrain_loss(self, net: nn.Module, x1: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Bridge matching: given x_1 and x_t on the Brownian bridge from 0, the expected
+        increment is dt·(x_1 − x_t)/(1 − t). Regressing the drift on it has the same optimum as
+        path maximum likelihood on bridge-noised data, with far less variance."""
+        n = x1.shape[0]
+        k = torch.randint(0, self.num_steps, (n,), generator=generator)
+        t = (k.float() / self.num_steps)[:, None]
+        z = torch.randn(x1.shape, generator=generator)
+        x_t = t * x1 + (self.sigma**2 * t * (1 - t)).sqrt() * z
+        target = (x1 - x_t) / (1 - t)
+        return (self.drift(net, x_t, k) - target).square().sum(-1).mean()
+
+
+def linear_betas(num_steps: int) -> Tensor:
+    """DDPM's linear schedule (1e-4 … 0.02 over 1000 steps), rescaled to ``num_steps`` steps.
+
+    Not the cosine schedule: its last β is clipped at 0.999, and the first reverse step's mean,
+    (x − β/√(1−ᾱ)·ε)/√(1−β), then moves by 31 of its own standard deviations per unit error of ε.
+    RTB compares log p_φ with log p_θ along whole paths; that step alone would make the
+    difference hypersensitive to the network. Here every step moves by at most one std."""
+    scale = 1000 / num_steps
+    return torch.linspace(1e-4 * scale, 0.02 * scale, num_steps, dtype=torch.float64).clamp(max=0.5)
+
+
+class DDPMGaussian:
+    """The DDPM reverse process as a transition family (RTB.md, "Transitions").
+
+    Chain index k = 0..T−1 is diffusion time s = T − k: states[:, 0] = x_T ~ N(0, I) and
+    states[:, T] is the image. The network predicts ε; the step ``x_{s−1} | x_s`` is
+    ``N((x_s − β_s/√(1−ᾱ_s)·ε)/√(1−β_s), max(β_s, min_std²) I)`` (the "fixed large" variance).
+    The floor keeps the last, near-deterministic steps' log-densities finite; both models use
+    this one family, so they share it. The start x_T ~ N(0, I) is common to every process here
+    and cancels in every ratio: log-probabilities sum the T transitions only.
+    """
+
+    def __init__(self, dim: int, num_steps: int, min_std: float = 1e-3) -> None:
+        if num_steps < 1:
+            raise ValueError("num_steps must be >= 1")
+        self.dim = dim
+        self.num_steps = num_steps
+        self.event_shape = (dim,)
+        self.net_out_dim = dim
+        betas = linear_betas(num_steps)  # indexed by s − 1
+        alpha_bar = torch.cumprod(1 - betas, 0)
+        # per chain index k (s = T − k), float32 for the hot path
+        flip = lambda v: v.flip(0).float()  # noqa: E731
+        self.betas = flip(betas)
+        self.alpha_bar = flip(alpha_bar)
+        self.coef_x = flip(1 / (1 - betas).sqrt())
+        self.coef_eps = flip(betas / ((1 - betas).sqrt() * (1 - alpha_bar).sqrt()))
+        self.var = flip(betas.clamp(min=min_std**2))
+
+    def _at(self, values: Tensor, k: Tensor | int, like: Tensor) -> Tensor:
+        if isinstance(k, int):
+            return values[k].to(like.device)
+        return values.to(like.device)[k][:, None]
+
+    def moments(
+        self, net: nn.Module, x: Tensor, k: Tensor | int, cond: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Mean and variance of the next state, and (for guidance) the network's ε."""
+        eps = net(x, k, cond)
+        mean = self._at(self.coef_x, k, x) * x - self._at(self.coef_eps, k, x) * eps
+        return mean, self._at(self.var, k, x)
+
+    def predict_x0(self, x: Tensor, eps: Tensor, k: int) -> Tensor:
+        """Tweedie's estimate of the clean image from x_s and the predicted noise."""
+        a = self.alpha_bar[k].item()
+        return (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+
+    def sample(
+        self,
+        net: nn.Module,
+        n: int,
+        *,
+        cond: Tensor | None = None,
+        explore: float = 0.0,
+        generator: torch.Generator | None = None,
+        guidance: Callable[[Tensor], Tensor] | None = None,
+        guidance_scale: float = 0.0,
+    ) -> tuple[Tensor, Tensor]:
+        """``guidance`` (a differentiable ``log r``) turns this into classifier guidance with
+        DPS's gradient g = ∇_{x_s} log r(x̂_0(x_s)), normalised as DPS normalises its step: the
+        mean moves by ``scale · std · g / rms(g)``. (Unnormalised, g carries the 1/√ᾱ_s of
+        Tweedie's estimate, ~10² at the first steps, and any useful scale blows up the start.)"""
+        device = next(net.parameters()).device
+        noise = torch.randn(n, self.num_steps + 1, self.dim, generator=generator).to(device)
+        states = torch.empty(n, self.num_steps + 1, self.dim, device=device)
+        states[:, 0] = x = noise[:, 0]
+        log_behaviour = torch.zeros(n, device=device)
+        for k in range(self.num_steps):
+            if guidance is None:
+                with torch.no_grad():
+                    mean, var = self.moments(net, x, k, cond)
+            else:
+                x_in = x.detach().requires_grad_()
+                with torch.enable_grad():
+                    eps = net(x_in, k, cond)
+                    grad, = torch.autograd.grad(guidance(self.predict_x0(x_in, eps, k)).sum(), x_in)
+                mean = self._at(self.coef_x, k, x) * x - self._at(self.coef_eps, k, x) * eps.detach()
+                var = self._at(self.var, k, x)
+                rms = grad.square().mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
+                mean = mean + guidance_scale * var.sqrt() * grad / rms
+            var = var + explore**2
+            step = noise[:, k + 1] * var.sqrt()
+            x = mean + step
+            states[:, k + 1] = x
+            log_behaviour += _normal_log_prob(step, torch.zeros_like(step), var.expand_as(step))
+        return states, log_behaviour
+
+    def step_log_probs(
+        self,
+        net: nn.Module,
+        states: Tensor,
+        *,
+        cond: Tensor | None = None,
+        steps: Tensor | None = None,
+    ) -> Tensor:
+        b = states.shape[0]
+        if steps is None:
+            steps = torch.arange(self.num_steps, device=states.device)
+        k = steps.shape[0]
+        x = states[:, steps].reshape(b * k, self.dim)
+        x_next = states[:, steps + 1].reshape(b * k, self.dim)
+        c = None if cond is None else cond.repeat_interleave(k, dim=0)
+        mean, var = self.moments(net, x, steps.repeat(b), c)
+        return _normal_log_prob(x_next, mean, var.expand_as(mean)).view(b, k)
+
+    @torch.no_grad()
+    def backward_sample(
+        self, x: Tensor, *, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The DDPM forward (noising) process from the image x: x_s = √(1−β_s)·x_{s−1} + √β_s·z."""
+        n = x.shape[0]
+        states = torch.empty(n, self.num_steps + 1, self.dim, device=x.device)
+        states[:, -1] = x
+        noise = torch.randn(n, self.num_steps, self.dim, generator=generator).to(x.device)
+        log_q = torch.zeros(n, device=x.device)
+        for k in range(self.num_steps - 1, -1, -1):  # s = T − k = 1, 2, ..., T
+            beta = self.betas[k].item()
+            step = noise[:, k] * math.sqrt(beta)
+            states[:, k] = math.sqrt(1 - beta) * states[:, k + 1] + step
+            log_q += _normal_log_prob(step, torch.zeros_like(step), beta)
+        return states, log_q
+
+    def pretrain_loss(self, net: nn.Module, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """ε-matching (DDPM's simple loss) at a uniformly drawn diffusion time."""
+        k = torch.randint(0, self.num_steps, (x0.shape[0],), generator=generator)
+        a = self.alpha_bar[k][:, None]
+        z = torch.randn(x0.shape, generator=generator)
+        return (net(a.sqrt() * x0 + (1 - a).sqrt() * z, k) - z).square().sum(-1).mean()
