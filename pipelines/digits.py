@@ -13,8 +13,6 @@ from which every reward setting's log Z, prior E[log r] and class proportions fo
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from pathlib import Path
@@ -25,11 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from pipelines.gmm25 import cache_root
 from rtb_ray.datasets import load_images
 from rtb_ray.metrics import frechet_distance, mean_pairwise_cosine_distance, total_variation
 from rtb_ray.networks import TimeMLP
-from rtb_ray.pretrain import load_prior, pretrain_prior, save_prior
+from rtb_ray.pretrain import PriorCheckpointConfig, load_or_pretrain, pretrain_prior, save_prior
 from rtb_ray.transitions import DDPMGaussian
 
 NUM_CLASSES = 10
@@ -53,10 +50,9 @@ class PretrainConfig(BaseModel):
     classifier: ClassifierConfig = ClassifierConfig()
 
 
-class Config(BaseModel):
+class Config(PriorCheckpointConfig):
     """Settings of the image task (the ``task:`` section of a run config)."""
 
-    model_config = ConfigDict(extra="forbid")
     name: Literal["digits"] = "digits"
     dataset: Literal["digits", "mnist", "cifar10"] = "digits"
     data_root: str | None = Field(None, description="folder of the MNIST/CIFAR-10 files")
@@ -70,10 +66,6 @@ class Config(BaseModel):
     min_std: float = Field(1e-3, gt=0, description="floor on each reverse step's std")
     hidden: int = Field(512, ge=1)
     depth: int = Field(3, ge=0)
-    prior_checkpoint: str | None = Field(
-        None, description="default: a file named by the prior's settings in the cache folder"
-    )
-    pretrain_if_missing: bool = True
     pretrain: PretrainConfig = PretrainConfig()
 
     @field_validator("allowed_classes")
@@ -88,11 +80,6 @@ class Config(BaseModel):
     def _data(self) -> "Config":
         if self.dataset != "digits" and not self.data_root:
             raise ValueError(f"data_root: the {self.dataset} files' folder is required")
-        if not self.pretrain_if_missing and not self.prior_path().exists():
-            raise ValueError(
-                f"prior_checkpoint: {self.prior_path()} does not exist and pretrain_if_missing "
-                "is false (run `rtb-ray pretrain CONFIG` first)"
-            )
         return self
 
     def allowed(self) -> list[int]:
@@ -107,12 +94,6 @@ class Config(BaseModel):
         return {"family": "ddpm-linear", "dataset": self.dataset, "num_steps": self.num_steps,
                 "min_std": self.min_std,
                 "hidden": self.hidden, "depth": self.depth, "pretrain": self.pretrain.model_dump()}
-
-    def prior_path(self) -> Path:
-        if self.prior_checkpoint:
-            return Path(self.prior_checkpoint).expanduser()
-        digest = hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode()).hexdigest()
-        return cache_root() / "digits" / f"prior-{digest[:12]}.pt"
 
 
 class Classifier(nn.Module):
@@ -184,12 +165,7 @@ class DigitsTask:
                        depth=self.config.depth)
 
     def prior(self) -> TimeMLP:
-        path = self.config.prior_path()
-        if not path.exists():
-            if not self.config.pretrain_if_missing:
-                raise FileNotFoundError(f"prior checkpoint {path} does not exist")
-            self.pretrain()
-        state, stats = load_prior(path, self.name, self.config.spec())
+        state, stats = load_or_pretrain(self.config, self.name, self.pretrain)
         self._load_classifiers(stats)
         self._stats = stats
         net = self.new_network()

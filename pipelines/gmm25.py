@@ -9,21 +9,18 @@ when the prior is pretrained, and stored with it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from rtb_ray.metrics import mode_weights, sliced_wasserstein, total_variation
 from rtb_ray.networks import TimeMLP
-from rtb_ray.pretrain import load_prior, pretrain_prior, save_prior
+from rtb_ray.pretrain import PriorCheckpointConfig, load_or_pretrain, pretrain_prior, save_prior
 from rtb_ray.transitions import PinnedBrownian
 
 GRID = torch.tensor([-10.0, -5.0, 0.0, 5.0, 10.0])
@@ -59,10 +56,6 @@ def log_reward(x: Tensor) -> Tensor:
     return mixture_log_prob(x, CENTERS_9, WEIGHTS_9) - mixture_log_prob(x, CENTERS_25, uniform)
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("RTB_RAY_CACHE", Path.home() / ".cache" / "rtb-ray"))
-
-
 class PretrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     steps: int = Field(12_000, ge=1)
@@ -72,20 +65,15 @@ class PretrainConfig(BaseModel):
     stats_samples: int = Field(400_000, ge=1000, description="prior samples for target stats")
 
 
-class Config(BaseModel):
+class Config(PriorCheckpointConfig):
     """Settings of the 25→9 task (the ``task:`` section of a run config)."""
 
-    model_config = ConfigDict(extra="forbid")
     name: Literal["gmm25"] = "gmm25"
     num_steps: int = Field(100, ge=1, description="T, steps of the diffusion")
     sigma: float = Field(math.sqrt(5.0), gt=0, description="noise scale; step variance σ²/T")
     learn_variance: bool = Field(True, description="the network also scales each step variance")
     hidden: int = Field(128, ge=1)
     depth: int = Field(2, ge=0)
-    prior_checkpoint: str | None = Field(
-        None, description="default: a file named by the prior's settings in the cache folder"
-    )
-    pretrain_if_missing: bool = True
     pretrain: PretrainConfig = PretrainConfig()
 
     def spec(self) -> dict:
@@ -93,21 +81,6 @@ class Config(BaseModel):
         return {"num_steps": self.num_steps, "sigma": self.sigma, "hidden": self.hidden,
                 "depth": self.depth, "learn_variance": self.learn_variance,
                 "pretrain": self.pretrain.model_dump()}
-
-    def prior_path(self) -> Path:
-        if self.prior_checkpoint:
-            return Path(self.prior_checkpoint).expanduser()
-        digest = hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode()).hexdigest()
-        return cache_root() / "gmm25" / f"prior-{digest[:12]}.pt"
-
-    @model_validator(mode="after")
-    def _prior_available(self) -> "Config":
-        if not self.pretrain_if_missing and not self.prior_path().exists():
-            raise ValueError(
-                f"prior_checkpoint: {self.prior_path()} does not exist and pretrain_if_missing "
-                "is false (run `rtb-ray pretrain CONFIG` first)"
-            )
-        return self
 
 
 class GMM25Task:
@@ -129,12 +102,7 @@ class GMM25Task:
                        depth=self.config.depth, out_dim=self.family.net_out_dim)
 
     def prior(self) -> TimeMLP:
-        path = self.config.prior_path()
-        if not path.exists():
-            if not self.config.pretrain_if_missing:
-                raise FileNotFoundError(f"prior checkpoint {path} does not exist")
-            self.pretrain()
-        state, self._stats = load_prior(path, self.name, self.config.spec())
+        state, self._stats = load_or_pretrain(self.config, self.name, self.pretrain)
         net = self.new_network()
         net.load_state_dict(state)
         return net.requires_grad_(False).eval()

@@ -7,6 +7,8 @@ data samples.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import tempfile
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -95,3 +98,51 @@ def load_prior(path: Path, task: str, spec: dict) -> tuple[dict, dict]:
         diff = {k: (ckpt["spec"].get(k), v) for k, v in spec.items() if ckpt["spec"].get(k) != v}
         raise ValueError(f"{path} was made with other settings (checkpoint, config): {diff}")
     return ckpt["state_dict"], ckpt["stats"]
+
+
+def cache_root() -> Path:
+    """Where priors are cached: ``$RTB_RAY_CACHE``, default ``~/.cache/rtb-ray``."""
+    return Path(os.environ.get("RTB_RAY_CACHE", Path.home() / ".cache" / "rtb-ray"))
+
+
+class PriorCheckpointConfig(BaseModel):
+    """The prior-checkpoint settings every task has. A task's config subclasses it and defines
+    ``name`` and ``spec()`` (everything the checkpoint depends on); the default checkpoint is a
+    file in the cache named by a hash of the spec, so changing a setting never reuses a prior
+    made with another."""
+
+    model_config = ConfigDict(extra="forbid")
+    prior_checkpoint: str | None = Field(
+        None, description="default: a file named by the prior's settings in the cache folder"
+    )
+    pretrain_if_missing: bool = True
+
+    def spec(self) -> dict:
+        raise NotImplementedError
+
+    def prior_path(self) -> Path:
+        if self.prior_checkpoint:
+            return Path(self.prior_checkpoint).expanduser()
+        digest = hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode()).hexdigest()
+        return cache_root() / getattr(self, "name") / f"prior-{digest[:12]}.pt"
+
+    @model_validator(mode="after")
+    def _prior_available(self) -> "PriorCheckpointConfig":
+        if not self.pretrain_if_missing and not self.prior_path().exists():
+            raise ValueError(
+                f"prior_checkpoint: {self.prior_path()} does not exist and pretrain_if_missing "
+                "is false (run `rtb-ray pretrain CONFIG` first)"
+            )
+        return self
+
+
+def load_or_pretrain(config: PriorCheckpointConfig, task: str,
+                     pretrain: Callable[[], Any]) -> tuple[dict, dict]:
+    """The prior's state dict and stats, pretraining first (``pretrain()``) if it is missing
+    and the config allows it."""
+    path = config.prior_path()
+    if not path.exists():
+        if not config.pretrain_if_missing:
+            raise FileNotFoundError(f"prior checkpoint {path} does not exist")
+        pretrain()
+    return load_prior(path, task, config.spec())

@@ -61,7 +61,39 @@ def _normal_log_prob(x: Tensor, mean: Tensor, var: Tensor | float) -> Tensor:
     return -0.5 * ((x - mean).square() / var + torch.log(2 * math.pi * var)).sum(-1)
 
 
-class PinnedBrownian:
+class GaussianSteps:
+    """What Gaussian families share: given ``moments(net, x, t, cond) -> (mean, var)``, the
+    log-probabilities of all chosen (x_t, x_{t+1}) pairs of a batch in one network pass."""
+
+    num_steps: int
+    dim: int
+
+    def moments(self, net: nn.Module, x: Tensor, t: Tensor | int,
+                cond: Tensor | None = None) -> tuple[Tensor, Tensor | float]:
+        raise NotImplementedError
+
+    def step_log_probs(
+        self,
+        net: nn.Module,
+        states: Tensor,
+        *,
+        cond: Tensor | None = None,
+        steps: Tensor | None = None,
+    ) -> Tensor:
+        b = states.shape[0]
+        if steps is None:
+            steps = torch.arange(self.num_steps, device=states.device)
+        k = steps.shape[0]
+        x = states[:, steps].reshape(b * k, self.dim)
+        x_next = states[:, steps + 1].reshape(b * k, self.dim)
+        c = None if cond is None else cond.repeat_interleave(k, dim=0)
+        mean, var = self.moments(net, x, steps.repeat(b), c)
+        if isinstance(var, Tensor):
+            var = var.expand_as(mean)
+        return _normal_log_prob(x_next, mean, var).view(b, k)
+
+
+class PinnedBrownian(GaussianSteps):
     """The pinned Brownian motion of RTB.md: x_0 = 0, ``x_{t+1} ~ N(x_t + dt·u(x_t, t), σ² dt I)``.
 
     The network predicts the drift ``u``. With ``learn_variance`` it also predicts a log-scale
@@ -123,25 +155,6 @@ class PinnedBrownian:
             log_behaviour += _normal_log_prob(step, torch.zeros_like(step), var)
         return states, log_behaviour
 
-    def step_log_probs(
-        self,
-        net: nn.Module,
-        states: Tensor,
-        *,
-        cond: Tensor | None = None,
-        steps: Tensor | None = None,
-    ) -> Tensor:
-        b = states.shape[0]
-        if steps is None:
-            steps = torch.arange(self.num_steps, device=states.device)
-        k = steps.shape[0]
-        x = states[:, steps].reshape(b * k, self.dim)
-        x_next = states[:, steps + 1].reshape(b * k, self.dim)
-        t = steps.repeat(b)
-        c = None if cond is None else cond.repeat_interleave(k, dim=0)
-        mean, var = self.moments(net, x, t, c)
-        return _normal_log_prob(x_next, mean, var).view(b, k)
-
     @torch.no_grad()
     def backward_sample(
         self, x: Tensor, *, generator: torch.Generator | None = None
@@ -184,7 +197,7 @@ def linear_betas(num_steps: int) -> Tensor:
     return torch.linspace(1e-4 * scale, 0.02 * scale, num_steps, dtype=torch.float64).clamp(max=0.5)
 
 
-class DDPMGaussian:
+class DDPMGaussian(GaussianSteps):
     """The DDPM reverse process as a transition family (RTB.md, "Transitions").
 
     Chain index k = 0..T−1 is diffusion time s = T − k: states[:, 0] = x_T ~ N(0, I) and
@@ -269,24 +282,6 @@ class DDPMGaussian:
             states[:, k + 1] = x
             log_behaviour += _normal_log_prob(step, torch.zeros_like(step), var.expand_as(step))
         return states, log_behaviour
-
-    def step_log_probs(
-        self,
-        net: nn.Module,
-        states: Tensor,
-        *,
-        cond: Tensor | None = None,
-        steps: Tensor | None = None,
-    ) -> Tensor:
-        b = states.shape[0]
-        if steps is None:
-            steps = torch.arange(self.num_steps, device=states.device)
-        k = steps.shape[0]
-        x = states[:, steps].reshape(b * k, self.dim)
-        x_next = states[:, steps + 1].reshape(b * k, self.dim)
-        c = None if cond is None else cond.repeat_interleave(k, dim=0)
-        mean, var = self.moments(net, x, steps.repeat(b), c)
-        return _normal_log_prob(x_next, mean, var.expand_as(mean)).view(b, k)
 
     @torch.no_grad()
     def backward_sample(
