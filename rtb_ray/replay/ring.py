@@ -37,6 +37,14 @@ class ColumnRing:
             self.tensors["cond"] = np.empty((capacity, *layout.cond_shape), layout.cond_dtype)
         self.meta = np.empty(capacity, META)
 
+    def holds(self, rows: TrajectoryColumns) -> bool:
+        """Whether ``rows`` has this ring's row shapes and dtypes (the cheap check of insert)."""
+        if (rows.cond is None) != ("cond" not in self.tensors):
+            return False
+        return all(getattr(rows, name).shape[1:] == array.shape[1:]
+                   and getattr(rows, name).dtype == array.dtype
+                   for name, array in self.tensors.items())
+
     def _pieces(self, start: int, stop: int) -> list[tuple[slice, slice]]:
         """(ring slice, source slice) pairs covering sequence numbers [start, stop)."""
         lo, n = start % self.capacity, stop - start
@@ -59,10 +67,14 @@ class ColumnRing:
         return {**tensors, **{name: np.ascontiguousarray(meta[name]) for name in META.names}}
 
     def gather(self, seqs: np.ndarray) -> dict[str, np.ndarray]:
-        """All columns of the given rows (copies)."""
-        positions = seqs % self.capacity
-        tensors = {name: array.take(positions, axis=0) for name, array in self.tensors.items()}
-        return self._unpack(tensors, self.meta.take(positions))
+        """All columns of the given rows (copies; the small columns share one packed array)."""
+        # mode="wrap" is exactly "sequence number s lives at s % capacity", and skips numpy's
+        # bounds check: ~7 % of the gather of 1 MB of random rows
+        tensors = {name: array.take(seqs, axis=0, mode="wrap")
+                   for name, array in self.tensors.items()}
+        meta = self.meta.take(seqs, mode="wrap")
+        # the small columns stay strided views of the gathered copy (torch and Arrow take them)
+        return {**tensors, **{name: meta[name] for name in META.names}}
 
     def views(self, start: int, stop: int) -> list[dict[str, np.ndarray]]:
         """Rows [start, stop), one dict per contiguous piece: tensors are views (no copy), the

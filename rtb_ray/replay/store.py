@@ -268,14 +268,15 @@ class ReplayStore:
         except ValueError as e:
             with self._lock:
                 return self._reject(str(e))
-        finite = np.isfinite(rows.log_reward) & np.isfinite(rows.log_prior)
-        finite &= np.isfinite(rows.log_behaviour)
-        all_finite = bool(finite.all())
+        scores = (rows.log_reward, rows.log_prior, rows.log_behaviour)
+        all_finite = all(np.isfinite(a).all() for a in scores)  # the usual case: no mask
+        if not all_finite:
+            finite = np.logical_and.reduce([np.isfinite(a) for a in scores])
         good = rows if all_finite else rows.take(finite)
         with self._lock:
             self._check_open()
             try:
-                self._accept_layout(rows.layout)
+                self._accept_layout(rows)
             except ValueError as e:
                 return self._reject(str(e))
             if len(good) > self._max_batch_rows:
@@ -307,11 +308,11 @@ class ReplayStore:
         raise ValueError(f"expected a TrajectoryBatch or a pyarrow RecordBatch/Table, "
                          f"got {type(batch).__name__}")
 
-    def _accept_layout(self, layout: TrajectoryLayout) -> None:
+    def _accept_layout(self, rows: TrajectoryColumns) -> None:
         if self._layout is None:  # the first batch fixes the layout
-            self._allocate(layout)
-        else:
-            self._layout.check(layout)
+            self._allocate(rows.layout)
+        elif not self._ring.holds(rows):  # the full check only to name what differs
+            self._layout.check(rows.layout)
 
     def _reject(self, reason: str) -> InsertResult:
         self._counters["rejected_batches"] += 1
