@@ -11,6 +11,7 @@ the weights in its constructor.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any
 
@@ -23,7 +24,7 @@ from rtb_ray.metrics import sir_indices
 from rtb_ray.replay import Mixture, Recency
 from rtb_ray.rollout import Sampler
 from rtb_ray.tasks import make_task
-from rtb_ray.trajectory import Source
+from rtb_ray.trajectory import Source, TrajectoryBatch
 
 
 def install_prior(config: dict[str, Any], prior_file: bytes | None) -> None:
@@ -37,8 +38,12 @@ def install_prior(config: dict[str, Any], prior_file: bytes | None) -> None:
         atomic_write_bytes(path, prior_file)
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, max_concurrency=4)
 class RolloutWorker:
+    """Calls run in threads (``max_concurrency``) but sample one at a time (``_sampling``): while
+    one call waits for the store to take its batch, the next one samples. Without that overlap
+    one worker reached 0.77x the in-process sampler (benchmarks/runtime.py)."""
+
     def __init__(self, config: dict[str, Any], role: str, name: str, store: Any, weights: Any,
                  seed: int, prior_file: list[ray.ObjectRef] | None = None) -> None:
         if role not in ROLES:
@@ -56,6 +61,8 @@ class RolloutWorker:
         self.version = -1
         self.learner_step = 0
         self.generator = torch.Generator().manual_seed(seed)
+        self.node = ray.get_runtime_context().get_node_id()
+        self._sampling = threading.Lock()  # the sampler, its weights and generator
         # backward starts: recent forward terminals (half-life of train.backward_pool rows)
         self.recent_forward = Mixture({"posterior|explore|prior": 1.0},
                                       inner=Recency(self.cfg.train.backward_pool))
@@ -63,6 +70,10 @@ class RolloutWorker:
 
     def pull_weights(self) -> int:
         """Apply the newest published weights, if newer than those held; returns the version."""
+        with self._sampling:
+            return self._pull_weights()
+
+    def _pull_weights(self) -> int:
         version, refs, self.learner_step = ray.get(self.weights.latest.remote())
         if version > self.version and refs:
             try:
@@ -80,16 +91,27 @@ class RolloutWorker:
             if deadline is not None and time.monotonic() > deadline:
                 return False
             time.sleep(0.02)
-            self.pull_weights()
+            self._pull_weights()
         return True
 
     def step(self, n: int, timeout: float | None = 60.0) -> dict[str, Any]:
-        """Sample ``n`` trajectories of this worker's role and insert them into the store."""
+        """Sample ``n`` trajectories of this worker's role and insert them into the store;
+        returns once the store has taken (or refused) them."""
+        with self._sampling:
+            batch, version = self._sample(n, timeout)
+        if batch is None:
+            return self._result("stale", version, 0, 0, f"no weights within "
+                                f"{self.cfg.runtime.max_staleness} steps of the learner after "
+                                f"{timeout}s")
+        result = ray.get(self.store.insert.remote(batch, self.name, timeout))
+        return self._result(result.status.value, version, result.inserted, result.quarantined,
+                            result.reason)
+
+    def _sample(self, n: int, timeout: float | None) -> tuple[TrajectoryBatch | None, int]:
         if self.role == "posterior":
-            self.pull_weights()
+            self._pull_weights()
             if not self._wait_fresh(timeout):
-                return self._result("stale", 0, 0, f"no weights within {self.cfg.runtime.max_staleness}"
-                                                   f" steps of the learner after {timeout}s")
+                return None, self.version
             progress = max(self.version, 0) / self.cfg.train.steps
             batch = self.sampler.rollout(Source.POSTERIOR, n,
                                          explore=self.cfg.train.explore.at(progress),
@@ -105,12 +127,11 @@ class RolloutWorker:
             batch = self.sampler.rollout(Source.BACKWARD, n, terminal=known.terminal[pick],
                                          cond=None if known.cond is None else known.cond[pick],
                                          generator=self.generator)
-        result = ray.get(self.store.insert.remote(batch, self.name, timeout))
-        return self._result(result.status.value, result.inserted, result.quarantined,
-                            result.reason)
+        return batch, self.version
 
-    def _result(self, status: str, inserted: int, quarantined: int, reason: str) -> dict[str, Any]:
+    def _result(self, status: str, version: int, inserted: int, quarantined: int, reason: str
+                ) -> dict[str, Any]:
         return {"worker": self.name, "role": self.role, "pid": os.getpid(),
-                "node": ray.get_runtime_context().get_node_id(), "version": self.version,
+                "node": self.node, "version": version,
                 "status": status, "inserted": inserted, "quarantined": quarantined,
                 "reason": reason}

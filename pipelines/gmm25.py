@@ -56,13 +56,27 @@ def log_reward(x: Tensor) -> Tensor:
     return mixture_log_prob(x, CENTERS_9, WEIGHTS_9) - mixture_log_prob(x, CENTERS_25, uniform)
 
 
+def analytic_metrics(x: Tensor) -> dict[str, float]:
+    """How far samples ``x [n, 2]`` are from the analytic posterior p9, by modes: what every
+    system is judged by (benchmarks/run.py scores the peer's samples with it too)."""
+    w = mode_weights(x, CENTERS_25)
+    forbidden = torch.ones(25, dtype=torch.bool)
+    forbidden[ALLOWED] = False
+    # A mode counts as hit when it holds at least a quarter of its analytic share.
+    hit = (w[ALLOWED] >= 0.25 * ANALYTIC_WEIGHTS[ALLOWED]).sum().item()
+    return {"tv_analytic": total_variation(w, ANALYTIC_WEIGHTS), "modes_hit": float(hit),
+            "forbidden_mass": w[forbidden].sum().item()}
+
+
 class PretrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     steps: int = Field(12_000, ge=1)
     batch_size: int = Field(4096, ge=1)
     lr: float = Field(2e-3, gt=0)
     seed: int = 0
-    stats_samples: int = Field(400_000, ge=1000, description="prior samples for target stats")
+    # 10^5 samples: mode weights to ±0.001 and log Z_θ to ±0.006 (standard errors); 4·10^5 took
+    # 40 s of every fresh run
+    stats_samples: int = Field(100_000, ge=1000, description="prior samples for target stats")
 
 
 class Config(PriorCheckpointConfig):
@@ -172,18 +186,11 @@ class GMM25Task:
         return self._reference[n]
 
     def evaluate(self, x: Tensor) -> dict[str, float]:
-        w = mode_weights(x, CENTERS_25)
         target = torch.tensor(self.stats["target_mode_weights"], dtype=torch.float64)
-        forbidden = torch.ones(25, dtype=torch.bool)
-        forbidden[ALLOWED] = False
-        # A mode counts as hit when it holds at least a quarter of its analytic share.
-        hit = (w[ALLOWED] >= 0.25 * ANALYTIC_WEIGHTS[ALLOWED]).sum().item()
         reference, floor = self._reference_samples(x.shape[0])
         return {
-            "tv_analytic": total_variation(w, ANALYTIC_WEIGHTS),
-            "tv_target": total_variation(w, target),
-            "modes_hit": float(hit),
-            "forbidden_mass": w[forbidden].sum().item(),
+            **analytic_metrics(x),
+            "tv_target": total_variation(mode_weights(x, CENTERS_25), target),
             "sliced_w2_analytic": sliced_wasserstein(
                 x, reference, generator=torch.Generator().manual_seed(0)
             ),

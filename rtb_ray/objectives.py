@@ -62,7 +62,7 @@ def rtb_backward(
     batch: TrajectoryBatch,
     cfg: ObjectiveConfig,
     generator: torch.Generator | None = None,
-) -> dict[str, float]:
+) -> dict[str, Tensor]:
     """Compute the loss of ``batch`` and accumulate its gradients into ``posterior`` and
     ``log_z`` (``.grad``). Σ log p_φ is recomputed for all B×T transitions in batched passes."""
     states, cond = batch.states, batch.cond
@@ -101,9 +101,10 @@ def rtb_backward(
             (coef * lp).sum().backward()
         log_post = log_post.detach()
 
+    # tensors, not floats: the caller reads all of a step's numbers in one device sync
     return {
-        "loss": loss.item(),
-        "delta_mean": delta.mean().item(),
-        "delta_sq": delta.square().mean().item(),
-        "log_post": log_post.mean().item(),
+        "loss": loss.detach(),
+        "delta_mean": delta.detach().mean(),
+        "delta_sq": delta.detach().square().mean(),
+        "log_post": log_post.detach().mean(),
     }
