@@ -63,6 +63,7 @@ class RolloutWorker:
         self.generator = torch.Generator().manual_seed(seed)
         self.node = ray.get_runtime_context().get_node_id()
         self._sampling = threading.Lock()  # the sampler, its weights and generator
+        self._next_latest: ray.ObjectRef | None = None  # asked for at the end of a sample
         # backward starts: recent forward terminals (half-life of train.backward_pool rows)
         self.recent_forward = Mixture({"posterior|explore|prior": 1.0},
                                       inner=Recency(self.cfg.train.backward_pool))
@@ -71,10 +72,16 @@ class RolloutWorker:
     def pull_weights(self) -> int:
         """Apply the newest published weights, if newer than those held; returns the version."""
         with self._sampling:
-            return self._pull_weights()
+            return self._pull_weights(fresh=True)
 
-    def _pull_weights(self) -> int:
-        version, refs, self.learner_step = ray.get(self.weights.latest.remote())
+    def _pull_weights(self, fresh: bool = False) -> int:
+        # step() uses the answer it asked for when its previous sample ended: the round trip to
+        # the weight store then overlaps the insert instead of delaying the next sample
+        ref = self._next_latest
+        self._next_latest = None
+        if fresh or ref is None:
+            ref = self.weights.latest.remote()
+        version, refs, self.learner_step = ray.get(ref)
         if version > self.version and refs:
             try:
                 self.sampler.posterior.load_state_dict(ray.get(refs[0]))
@@ -91,21 +98,24 @@ class RolloutWorker:
             if deadline is not None and time.monotonic() > deadline:
                 return False
             time.sleep(0.02)
-            self._pull_weights()
+            self._pull_weights(fresh=True)
         return True
 
     def step(self, n: int, timeout: float | None = 60.0) -> dict[str, Any]:
         """Sample ``n`` trajectories of this worker's role and insert them into the store;
         returns once the store has taken (or refused) them."""
         with self._sampling:
+            t0 = time.perf_counter()
             batch, version = self._sample(n, timeout)
+            sample_s = time.perf_counter() - t0
         if batch is None:
             return self._result("stale", version, 0, 0, f"no weights within "
                                 f"{self.cfg.runtime.max_staleness} steps of the learner after "
-                                f"{timeout}s")
+                                f"{timeout}s", sample_s, 0.0)
+        t0 = time.perf_counter()
         result = ray.get(self.store.insert.remote(batch, self.name, timeout))
         return self._result(result.status.value, version, result.inserted, result.quarantined,
-                            result.reason)
+                            result.reason, sample_s, time.perf_counter() - t0)
 
     def _sample(self, n: int, timeout: float | None) -> tuple[TrajectoryBatch | None, int]:
         if self.role == "posterior":
@@ -116,6 +126,7 @@ class RolloutWorker:
             batch = self.sampler.rollout(Source.POSTERIOR, n,
                                          explore=self.cfg.train.explore.at(progress),
                                          policy_version=self.version, generator=self.generator)
+            self._next_latest = self.weights.latest.remote()
         elif self.role == "prior":
             batch = self.sampler.rollout(Source.PRIOR, n, generator=self.generator)
         else:
@@ -129,9 +140,10 @@ class RolloutWorker:
                                          generator=self.generator)
         return batch, self.version
 
-    def _result(self, status: str, version: int, inserted: int, quarantined: int, reason: str
-                ) -> dict[str, Any]:
+    def _result(self, status: str, version: int, inserted: int, quarantined: int, reason: str,
+                sample_s: float, insert_s: float) -> dict[str, Any]:
         return {"worker": self.name, "role": self.role, "pid": os.getpid(),
-                "node": self.node, "version": version,
+                "node": self.node, "version": version, "sample_s": sample_s,
+                "insert_s": insert_s,
                 "status": status, "inserted": inserted, "quarantined": quarantined,
                 "reason": reason}

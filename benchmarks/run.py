@@ -101,7 +101,7 @@ def score_peer(npz_path: Path) -> dict:
             "curve": curve}
 
 
-def peer(mode: str, out: Path, npz: Path | None = None) -> dict | None:
+def peer(mode: str, out: Path, work: Path, npz: Path | None = None) -> dict | None:
     """The peer's scored curve: from ``npz`` (a finished peer_torchgfn.py run) if given, else
     the cached one (mode "cached", when there is one), else from a new run (about an hour)."""
     cached = ROOT / "benchmarks" / "results" / PEER_CURVE
@@ -111,7 +111,7 @@ def peer(mode: str, out: Path, npz: Path | None = None) -> dict | None:
         print(f"peer: the curve cached in {cached}")
         return json.loads(cached.read_text())
     if npz is None:
-        work = out / "e2e" / "peer"
+        work = work / "peer"
         shutil.rmtree(work, ignore_errors=True)
         cmd = [str(peer_python()), str(ROOT / "benchmarks" / "peer_torchgfn.py"), "--out",
                str(work)]
@@ -124,10 +124,10 @@ def peer(mode: str, out: Path, npz: Path | None = None) -> dict | None:
 
 
 # -- ours ------------------------------------------------------------------------------------
-def ours(name: str, in_process: bool, out: Path) -> dict:
+def ours(name: str, in_process: bool, work: Path) -> dict:
     """`rtb-ray train` of the main job from an empty prior cache; every evaluation row is
     stamped with the time since the process started."""
-    run = out / "e2e" / name
+    run = work / name
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
     cmd = [sys.executable, "-m", "rtb_ray.cli", "train", str(CONFIG), "--output", str(run / "run"),
@@ -184,8 +184,9 @@ def plot(systems: list[dict], path: Path) -> None:
         t = [p["t_s"] / 60 for p in s["curve"]]
         line, = ax_tv.plot(t, [max(p["tv_analytic"], 1e-3) for p in s["curve"]], "o-", ms=3,
                            label=s["system"])
-        ax_r.plot(t, [p["mean_log_reward"] for p in s["curve"]], "o-", ms=3,
-                  color=line.get_color(), label=s["system"])
+        tuned = [p for p in s["curve"] if p["step"] > 0]  # the prior's point is far below
+        ax_r.plot([p["t_s"] / 60 for p in tuned], [p["mean_log_reward"] for p in tuned], "o-",
+                  ms=3, color=line.get_color(), label=s["system"])
         for ax in (ax_tv, ax_r):
             ax.axvline(s["prior_s"] / 60, color=line.get_color(), ls=":", lw=1)
     ax_tv.axhline(BAR["tv_analytic"], color="k", ls="--", lw=1, label="bar: TV 0.05")
@@ -193,7 +194,7 @@ def plot(systems: list[dict], path: Path) -> None:
               ylabel="mode TV to the analytic posterior", title="25→9: quality against time")
     ax_r.axhline(1.1563, color="k", ls="--", lw=1, label="exact posterior: 1.156")
     ax_r.set(xlabel="wall time, prior included (min)", ylabel="E[log r]",
-             ylim=(0.0, 1.25), title="E[log r] (dotted: end of prior pretraining)")
+             ylim=(0.9, 1.3), title="E[log r] after fine-tuning began (dotted: prior done)")
     for ax in (ax_tv, ax_r):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
@@ -246,7 +247,10 @@ def main() -> None:
                    help="the peer's curve: reuse the cached one, run it again, or leave it out")
     p.add_argument("--peer-npz", type=Path, default=None,
                    help="score this finished peer_torchgfn.py run (its peer_curve.npz) instead")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
+                   help="where the JSON, Markdown and plot go")
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench",
+                   help="where the end-to-end runs (stores, caches, logs) go")
     args = p.parse_args()
     only = set(args.only.split(","))
     if only - set(PARTS):
@@ -285,8 +289,8 @@ def main() -> None:
                       "weight publish→applied / put+get (p50)": r["weights"]["ratio"],
                       "MLflow logging share of learner time": r["mlflow"]["share_of_learner_time"]})
     if "e2e" in only:
-        systems = [ours("in_process", True, args.out), ours("ray", False, args.out)]
-        peer_result = peer(args.peer, args.out, args.peer_npz)
+        systems = [ours("in_process", True, args.work), ours("ray", False, args.work)]
+        peer_result = peer(args.peer, args.out, args.work, args.peer_npz)
         if peer_result is not None:
             systems.append(peer_result)
         in_process, ray_runtime = systems[0], systems[1]

@@ -71,7 +71,8 @@ def in_process_parts(cfg, seconds: float) -> dict:
     gen = torch.Generator().manual_seed(0)
     calls, dt = timed(lambda: sampler.rollout(Source.POSTERIOR, ROLLOUT_N, explore=0.05,
                                               generator=gen), seconds)
-    rollout = {"trajectories_per_s": calls * ROLLOUT_N / dt, "torch_threads": 1}
+    rollout = {"trajectories_per_s": calls * ROLLOUT_N / dt, "torch_threads": 1,
+               "ms_per_call": 1e3 * dt / calls}
 
     out = {"rollout_in_process": rollout}
     batch = sampler.rollout(Source.POSTERIOR, cfg.train.batch_size, generator=gen)
@@ -113,16 +114,20 @@ def ray_parts(cfg, seconds: float) -> dict:
                        for i in range(n_workers)]
             ray.get([w.step.remote(ROLLOUT_N) for w in workers])  # started and warm
             inflight = {w.step.remote(ROLLOUT_N): w for w in workers for _ in range(2)}
-            done, t0 = 0, time.perf_counter()
+            done, calls, t0 = 0, [], time.perf_counter()
             while time.perf_counter() - t0 < seconds:
                 ready, _ = ray.wait(list(inflight), num_returns=1)
                 w = inflight.pop(ready[0])
-                done += ray.get(ready[0])["inserted"]
+                calls.append(ray.get(ready[0]))
+                done += calls[-1]["inserted"]
                 inflight[w.step.remote(ROLLOUT_N)] = w
             dt = time.perf_counter() - t0
             ray.get(list(inflight))
-            out["rollout_workers"].append({"workers": n_workers,
-                                           "trajectories_per_s": done / dt})
+            # where a call's time goes: sampling (in the worker) and waiting for the store
+            out["rollout_workers"].append({
+                "workers": n_workers, "trajectories_per_s": done / dt,
+                "sample_ms_per_call": 1e3 * float(np.mean([c["sample_s"] for c in calls])),
+                "insert_ms_per_call": 1e3 * float(np.mean([c["insert_s"] for c in calls]))})
             for w in workers:
                 ray.kill(w)
 
