@@ -63,7 +63,6 @@ class RolloutWorker:
         self.generator = torch.Generator().manual_seed(seed)
         self.node = ray.get_runtime_context().get_node_id()
         self._sampling = threading.Lock()  # the sampler, its weights and generator
-        self._next_latest: ray.ObjectRef | None = None  # asked for at the end of a sample
         # backward starts: recent forward terminals (half-life of train.backward_pool rows)
         self.recent_forward = Mixture({"posterior|explore|prior": 1.0},
                                       inner=Recency(self.cfg.train.backward_pool))
@@ -72,16 +71,10 @@ class RolloutWorker:
     def pull_weights(self) -> int:
         """Apply the newest published weights, if newer than those held; returns the version."""
         with self._sampling:
-            return self._pull_weights(fresh=True)
+            return self._pull_weights()
 
-    def _pull_weights(self, fresh: bool = False) -> int:
-        # step() uses the answer it asked for when its previous sample ended: the round trip to
-        # the weight store then overlaps the insert instead of delaying the next sample
-        ref = self._next_latest
-        self._next_latest = None
-        if fresh or ref is None:
-            ref = self.weights.latest.remote()
-        version, refs, self.learner_step = ray.get(ref)
+    def _pull_weights(self) -> int:
+        version, refs, self.learner_step = ray.get(self.weights.latest.remote())
         if version > self.version and refs:
             try:
                 self.sampler.posterior.load_state_dict(ray.get(refs[0]))
@@ -98,7 +91,7 @@ class RolloutWorker:
             if deadline is not None and time.monotonic() > deadline:
                 return False
             time.sleep(0.02)
-            self._pull_weights(fresh=True)
+            self._pull_weights()
         return True
 
     def step(self, n: int, timeout: float | None = 60.0) -> dict[str, Any]:
@@ -126,7 +119,6 @@ class RolloutWorker:
             batch = self.sampler.rollout(Source.POSTERIOR, n,
                                          explore=self.cfg.train.explore.at(progress),
                                          policy_version=self.version, generator=self.generator)
-            self._next_latest = self.weights.latest.remote()
         elif self.role == "prior":
             batch = self.sampler.rollout(Source.PRIOR, n, generator=self.generator)
         else:
