@@ -2,7 +2,7 @@
 
 Roles: ``posterior`` (pulls the newest weights, samples with the exploration of the learner's
 progress), ``prior`` (the frozen prior) and ``backward`` (recent stored terminal states,
-resampled ∝ r^β, noised back to x_0). Each ``step`` makes one batch, scores it (Σ log p_prior,
+resampled by their importance weights toward the target, noised back to x_0). Each ``step`` makes one batch, scores it (Σ log p_prior,
 log r) and inserts it, waiting on the store's rate limiter. The coordinator keeps a bounded
 number of ``step`` calls in flight per worker and replaces workers that die; a new worker pulls
 the weights in its constructor.
@@ -20,7 +20,7 @@ import torch
 
 from rtb_ray.config import ROLES, validate_config
 from rtb_ray.learner import make_posterior
-from rtb_ray.metrics import sir_indices
+from rtb_ray.metrics import sir_indices, target_log_weights
 from rtb_ray.replay import Mixture, Recency
 from rtb_ray.rollout import Sampler
 from rtb_ray.tasks import make_task
@@ -125,7 +125,7 @@ class RolloutWorker:
             k = self.cfg.runtime.backward_candidates
             known = ray.get(self.store.sample.remote(n * k, self.recent_forward, timeout,
                                                      rate_limited=False))
-            pick = sir_indices(self.cfg.train.objective.beta * known.log_reward, n,
+            pick = sir_indices(target_log_weights(known, self.cfg.train.objective.beta), n,
                                self.generator)
             batch = self.sampler.rollout(Source.BACKWARD, n, terminal=known.terminal[pick],
                                          cond=None if known.cond is None else known.cond[pick],

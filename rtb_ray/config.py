@@ -155,7 +155,8 @@ class RuntimeConfig(Strict):
     )
     max_in_flight: int = Field(2, ge=1, description="sampling calls in flight per worker")
     backward_candidates: int = Field(
-        4, ge=1, description="backward role: stored terminals drawn per trajectory, resampled ∝ r^β"
+        4, ge=1, description="backward role: stored terminals drawn per trajectory, resampled "
+                             "by importance weight toward the target"
     )
     replay: ReplayConfig = ReplayConfig()
 

@@ -46,6 +46,14 @@ def importance_metrics(log_weights: Tensor) -> dict[str, float]:
     }
 
 
+def target_log_weights(batch: TrajectoryBatch, beta: float) -> Tensor:
+    """log of p_prior(τ)·r(x_T)^β / q(τ) for forward trajectories made by any process q: the
+    importance weights toward the target path measure. For prior rows q = p_prior and this is
+    β·log r; for posterior rows it also divides out the posterior, so resampling them does not
+    count the reward twice (which would sharpen the target towards r^2β)."""
+    return beta * batch.log_reward + batch.log_prior - batch.log_behaviour
+
+
 def sir_indices(log_weights: Tensor, m: int, generator: torch.Generator | None = None) -> Tensor:
     """Sampling-importance-resampling: m indices drawn with probability ∝ exp(log_weights)."""
     probs = torch.softmax(log_weights.detach().double().cpu(), 0)
@@ -95,7 +103,7 @@ def posterior_metrics(
     out = importance_metrics(lw)
     out["mean_log_reward"] = samples.log_reward.double().mean().item()
     if target_pool is not None:
-        idx = sir_indices(beta * target_pool.log_reward, eubo_samples, generator)
+        idx = sir_indices(target_log_weights(target_pool, beta), eubo_samples, generator)
         target = target_pool.index(idx)
         log_post_t = sum_log_probs(family, posterior, target.states, target.cond)
         out["eubo"] = (

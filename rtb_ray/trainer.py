@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from rtb_ray.config import RunConfig, config_to_dict
 from rtb_ray.learner import Learner
-from rtb_ray.metrics import posterior_metrics, sir_indices
+from rtb_ray.metrics import posterior_metrics, sir_indices, target_log_weights
 from rtb_ray.pretrain import atomic_torch_save
 from rtb_ray.rollout import Sampler
 from rtb_ray.tasks import Task, make_task
@@ -74,28 +74,30 @@ def write_json(path: Path, obj: dict) -> None:
 
 @dataclass
 class TerminalPool:
-    """Recent terminal states of forward rollouts (posterior and prior) with their rewards:
-    what backward trajectories start from. Drawn ∝ r^β, so prior-sourced states are resampled
-    towards the target and reach every mode the prior covers."""
+    """Recent terminal states of forward rollouts (posterior and prior) with their importance
+    weights toward the target (``target_log_weights``): what backward trajectories start from.
+    Resampled by those weights, prior-sourced states reach every mode the prior covers, and
+    posterior-sourced ones are corrected for the posterior's own biases rather than amplified."""
 
     capacity: int
     beta: float = 1.0
     x: torch.Tensor | None = None
-    log_reward: torch.Tensor | None = None
+    log_weight: torch.Tensor | None = None
 
     def add(self, batch: TrajectoryBatch) -> None:
-        keep = torch.isfinite(batch.log_reward)  # kept on the CPU: small, and checkpointed
-        x, lr = batch.terminal[keep].cpu(), batch.log_reward[keep].cpu()
-        if self.x is None or self.log_reward is None:
-            self.x, self.log_reward = x, lr
+        lw = target_log_weights(batch, self.beta)
+        keep = torch.isfinite(lw)  # kept on the CPU: small, and checkpointed
+        x, lw = batch.terminal[keep].cpu(), lw[keep].cpu()
+        if self.x is None or self.log_weight is None:
+            self.x, self.log_weight = x, lw
         else:
             self.x = torch.cat([self.x, x])[-self.capacity :]
-            self.log_reward = torch.cat([self.log_reward, lr])[-self.capacity :]
+            self.log_weight = torch.cat([self.log_weight, lw])[-self.capacity :]
 
     def sample(self, n: int, gen: torch.Generator) -> torch.Tensor | None:
-        if self.x is None or self.log_reward is None or self.x.shape[0] == 0:
+        if self.x is None or self.log_weight is None or self.x.shape[0] == 0:
             return None
-        return self.x[sir_indices(self.beta * self.log_reward, n, gen)]
+        return self.x[sir_indices(self.log_weight, n, gen)]
 
 
 @dataclass
@@ -365,11 +367,12 @@ class InProcessTrainer(Trainer):
 
     def checkpoint_extras(self) -> dict:
         return {"rollout_rng": self.gen.get_state(),
-                "pool": {"x": self.pool.x, "log_reward": self.pool.log_reward}}
+                "pool": {"x": self.pool.x, "log_weight": self.pool.log_weight}}
 
     def load_checkpoint_extras(self, ckpt: dict) -> None:
         self.gen.set_state(ckpt["rollout_rng"])
-        self.pool.x, self.pool.log_reward = ckpt["pool"]["x"], ckpt["pool"]["log_reward"]
+        # (a checkpoint from before log weights were kept: the pool refills from the next batch)
+        self.pool.x, self.pool.log_weight = ckpt["pool"]["x"], ckpt["pool"].get("log_weight")
 
 
 class ReplayTrainer(Trainer):

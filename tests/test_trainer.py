@@ -35,3 +35,18 @@ def test_terminal_pool_resamples_in_proportion_to_reward_and_skips_non_finite():
     assert abs(share_one - torch.e / (1 + torch.e)) < 0.02  # ∝ r: e¹ against e⁰, r = 0 never
     pool.add(batch)  # FIFO at capacity
     assert pool.x.shape[0] == 3
+
+
+def test_terminal_pool_weights_posterior_rows_by_target_over_behaviour():
+    # Two posterior rows whose sampler already put r^β into them (log q = log p_prior + β log r
+    # − log Z): their importance weights are equal, so resampling must not favour the higher
+    # reward again (∝ r^β would pick row 1 e² times as often as row 0).
+    x = torch.tensor([[0.0], [1.0]])
+    states = torch.stack([torch.zeros_like(x), x], 1)
+    log_reward, log_prior = torch.tensor([0.0, 1.0]), torch.tensor([-3.0, -3.0])
+    log_behaviour = log_prior + 2.0 * log_reward - 0.7
+    batch = TrajectoryBatch.make(states, log_reward, log_prior, log_behaviour, Source.POSTERIOR)
+    pool = TerminalPool(capacity=10, beta=2.0)
+    pool.add(batch)
+    draws = pool.sample(20_000, torch.Generator().manual_seed(0))
+    assert abs((draws[:, 0] == 1.0).double().mean().item() - 0.5) < 0.02
