@@ -118,11 +118,12 @@ def train_on_ray(cfg: RunConfig, output: Path, *, address: str | None = None,
     if not resume and (output / "checkpoint.pt").exists():
         raise FileExistsError(f"{output} already holds a run; pass --resume {output} to continue it")
     prior_file = _prior_file(cfg, output / "checkpoint.pt" if resume else None)
-    # SIGTERM (e.g. `ray job stop`, a batch system) stops the run like Ctrl-C does
-    signal.signal(signal.SIGTERM, _interrupt)
     output.mkdir(parents=True, exist_ok=True)
 
     init_ray(address)
+    # SIGTERM (e.g. `ray job stop`, a batch system) stops the run like Ctrl-C does; after
+    # ray.init, whose failure-signal handler would otherwise kill the driver without a checkpoint
+    signal.signal(signal.SIGTERM, _interrupt)
     run = run_id(output)
     names = {role: f"{run}/{role}" for role in ("store", "weights", "coordinator", "learner")}
     write_json(output / RUNTIME_FILE, {

@@ -74,10 +74,10 @@ def active(s: dict, role: str) -> list[dict]:
     return [w for w in s["workers"] if w["role"] == role and not w["retiring"]]
 
 
-def stop(proc: subprocess.Popen) -> str:
-    """Ctrl-C; the run must checkpoint and exit 130 (a run that does not is killed, with its
-    Ray, so that a failing test leaves nothing running)."""
-    proc.send_signal(signal.SIGINT)
+def stop(proc: subprocess.Popen, sig: int = signal.SIGINT) -> str:
+    """Ctrl-C (or SIGTERM, what job managers send); the run must checkpoint and exit 130 (a
+    run that does not is killed, with its Ray, so that a failing test leaves nothing running)."""
+    proc.send_signal(sig)
     try:
         out, _ = proc.communicate(timeout=180)
     except subprocess.TimeoutExpired:
@@ -227,7 +227,7 @@ def test_two_node_cluster_survives_losing_a_node(tmp_path, cache):
                 cluster.head_node.node_id}
             wait_for("training after the node left", lambda: learner_step(run) > step + 25, proc)
         finally:
-            out = stop(proc) if proc.poll() is None else proc.stdout.read()
+            out = stop(proc, signal.SIGTERM) if proc.poll() is None else proc.stdout.read()
         assert "checkpoint saved" in out
         final = check_nothing_lost(run)
         assert len(final["inserted_by_node"]) == 2
