@@ -339,6 +339,9 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
+_INT64, _INT8, _FLOAT32 = np.dtype(np.int64), np.dtype(np.int8), np.dtype(np.float32)
+
+
 def columns_from_batch(
     batch: TrajectoryBatch,
     *,
@@ -348,32 +351,34 @@ def columns_from_batch(
     created_at: datetime | None = None,
 ) -> TrajectoryColumns:
     """Numpy views of a (CPU, contiguous) torch batch; ids are ``first_id, first_id + 1, ...``."""
-    def array(t: Tensor, dtype: torch.dtype | None = None) -> np.ndarray:
-        # the common case (a CPU, contiguous tensor of the right dtype) is a plain view: this is
-        # the replay store's insert path, where every microsecond shows in the throughput
-        if t.requires_grad:
-            t = t.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        if dtype is not None and t.dtype != dtype:
-            t = t.to(dtype)
-        if t.dtype == torch.bfloat16:
-            raise ValueError("bfloat16 tensors have no numpy/Arrow equivalent; cast them first")
-        return (t if t.is_contiguous() else t.contiguous()).numpy()
+    def array(t: Tensor, dtype: np.dtype | None = None) -> np.ndarray:
+        # the common case (a CPU tensor of the right dtype) is a plain view, with as few calls as
+        # possible: this is the replay store's insert path, where every call shows (right after
+        # a random gather over a large ring, each costs several times its cold-cache price)
+        try:
+            a = t.numpy()
+        except (RuntimeError, TypeError):  # needs grad, not on the CPU, or no numpy dtype
+            if t.dtype == torch.bfloat16:
+                raise ValueError("bfloat16 tensors have no numpy/Arrow equivalent; cast them "
+                                 "first") from None
+            a = t.detach().cpu().numpy()
+        if dtype is not None and a.dtype != dtype:
+            a = a.astype(dtype)
+        return np.ascontiguousarray(a)
 
     b = len(batch)
     stamp = _now_us() if created_at is None else int(created_at.timestamp() * 1_000_000)
     return TrajectoryColumns(
         id=np.arange(first_id, first_id + b, dtype=np.int64),
         run=np.zeros(b, np.int32),
-        policy_version=array(batch.policy_version, torch.int64),
-        source=array(batch.source, torch.int8),
+        policy_version=array(batch.policy_version, _INT64),
+        source=array(batch.source, _INT8),
         worker=np.zeros(b, np.int32),
         states=array(batch.states),
         cond=None if batch.cond is None else array(batch.cond),
-        log_reward=array(batch.log_reward, torch.float32),
-        log_prior=array(batch.log_prior, torch.float32),
-        log_behaviour=array(batch.log_behaviour, torch.float32),
+        log_reward=array(batch.log_reward, _FLOAT32),
+        log_prior=array(batch.log_prior, _FLOAT32),
+        log_behaviour=array(batch.log_behaviour, _FLOAT32),
         created_at=np.full(b, stamp, np.int64),
         run_names=[run],
         worker_names=[worker],

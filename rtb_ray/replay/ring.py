@@ -54,14 +54,17 @@ class ColumnRing:
             pieces.append((slice(0, n - first), slice(first, n)))
         return pieces
 
-    def write(self, start: int, rows: TrajectoryColumns) -> None:
-        """Store ``rows`` as sequence numbers ``start, start + 1, ...`` (overwriting the oldest)."""
+    def write(self, start: int, rows: TrajectoryColumns, **columns: np.ndarray | int) -> None:
+        """Store ``rows`` as sequence numbers ``start, start + 1, ...`` (overwriting the oldest).
+        ``columns`` replace those of ``rows`` (the store's ids and name codes; a scalar is
+        broadcast)."""
         for ring_part, rows_part in self._pieces(start, start + len(rows)):
             for name, array in self.tensors.items():
                 array[ring_part] = getattr(rows, name)[rows_part]
             meta = self.meta[ring_part]
             for name in META.names:
-                meta[name] = getattr(rows, name)[rows_part]
+                value = columns[name] if name in columns else getattr(rows, name)
+                meta[name] = value if np.isscalar(value) else value[rows_part]
 
     def _unpack(self, tensors: dict[str, np.ndarray], meta: np.ndarray) -> dict[str, np.ndarray]:
         return {**tensors, **{name: np.ascontiguousarray(meta[name]) for name in META.names}}

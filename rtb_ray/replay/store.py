@@ -22,6 +22,7 @@ Bad input (docs/REPLAY.md):
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -92,6 +93,12 @@ class _Names:
                 self._codes[name] = len(self.names)
                 self.names.append(name)
         return np.array([self._codes[name] for name in names], np.int32)
+
+    def recode(self, codes: np.ndarray, names: list[str]) -> np.ndarray | int:
+        """A batch's codes (into its ``names``) as store codes: one int for a one-name batch
+        (the usual case: one run, one worker), which the ring broadcasts."""
+        store_codes = self.codes(names)
+        return int(store_codes[0]) if len(names) == 1 else store_codes[codes]
 
 
 class _StoreRows:
@@ -269,9 +276,12 @@ class ReplayStore:
             with self._lock:
                 return self._reject(str(e))
         scores = (rows.log_reward, rows.log_prior, rows.log_behaviour)
-        all_finite = all(np.isfinite(a).all() for a in scores)  # the usual case: no mask
+        # the usual case, in three reductions: a sum is finite only if every term is (one that
+        # overflows takes the exact path below, which finds nothing to quarantine)
+        all_finite = all(math.isfinite(a.sum()) for a in scores)
         if not all_finite:
             finite = np.logical_and.reduce([np.isfinite(a) for a in scores])
+            all_finite = bool(finite.all())
         good = rows if all_finite else rows.take(finite)
         with self._lock:
             self._check_open()
@@ -291,7 +301,7 @@ class ReplayStore:
             self._next_id += len(rows)
             ids = np.arange(first_id, self._next_id, dtype=np.int64)
             if len(good):
-                self._write(replace(good, id=ids if all_finite else ids[finite]))
+                self._write(good, ids if all_finite else ids[finite])
                 self._limiter.on_insert(len(good))
                 self._counters["inserted"] += len(good)
             if not all_finite:
@@ -334,11 +344,11 @@ class ReplayStore:
         return (f"no room within {timeout}s: {self._stop - self._sealed} rows wait to be "
                 f"sealed to disk")
 
-    def _write(self, rows: TrajectoryColumns) -> None:
-        """Append rows (store ids set) to the ring; under the lock."""
-        rows = replace(rows, run=self._runs.codes(rows.run_names)[rows.run],
-                       worker=self._workers.codes(rows.worker_names)[rows.worker])
-        self._ring.write(self._stop, rows)
+    def _write(self, rows: TrajectoryColumns, ids: np.ndarray | None = None) -> None:
+        """Append rows to the ring (with store ids ``ids``, else their own); under the lock."""
+        self._ring.write(self._stop, rows, **({} if ids is None else {"id": ids}),
+                         run=self._runs.recode(rows.run, rows.run_names),
+                         worker=self._workers.recode(rows.worker, rows.worker_names))
         self._stop += len(rows)
         evicted = max(0, self._stop - self._ring.capacity - self._start)
         self._start += evicted
