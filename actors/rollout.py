@@ -2,10 +2,10 @@
 
 Roles: ``posterior`` (pulls the newest weights, samples with the exploration of the learner's
 progress), ``prior`` (the frozen prior) and ``backward`` (recent stored terminal states,
-resampled by their importance weights toward the target, noised back to x_0). Each ``step`` makes one batch, scores it (Σ log p_prior,
-log r) and inserts it, waiting on the store's rate limiter. The coordinator keeps a bounded
-number of ``step`` calls in flight per worker and replaces workers that die; a new worker pulls
-the weights in its constructor.
+resampled by their importance weights toward the target, noised back to x_0). Each ``step``
+makes one batch, scores it (Σ log p_prior, log r) and inserts it, waiting on the store's rate
+limiter. The coordinator keeps a bounded number of ``step`` calls in flight per worker and
+replaces workers that die; a new worker pulls the weights in its constructor.
 """
 
 from __future__ import annotations
