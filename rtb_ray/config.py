@@ -52,6 +52,22 @@ class ObjectiveConfig(Strict):
     )
 
 
+class MassCoveringConfig(Strict):
+    """An optional maximum-likelihood term beside the trajectory loss (off by default: with it,
+    training is "RTB + a mass-covering term", no longer pure RTB). ``num_samples`` prior samples
+    are drawn once and resampled ∝ r^β (the floored, scaled reward of ``objective``): a sample
+    of the target. Each learner step then adds ``weight`` × the family's denoising loss on
+    ``batch_size`` of them. RTB's squared error in log space gives a class whose log r varies
+    much within it about exp(E[β log r]) of mass instead of E[r^β]; the denoising loss fits the
+    mass (a forward KL). ``warm_start_steps`` first fit the posterior to those samples alone."""
+
+    weight: float = Field(0.0, ge=0, description="× the denoising loss on target samples")
+    num_samples: int = Field(20_000, ge=1, description="prior samples resampled ∝ r^β, once")
+    batch_size: int = Field(256, ge=1)
+    warm_start_steps: int = Field(0, ge=0, description="denoising-only steps before the first")
+    warm_start_lr: float = Field(3e-4, gt=0)
+
+
 class AdapterConfig(Strict):
     """What of the posterior network is trained: all of it (``full``) or low-rank adapters on
     every linear layer of a frozen copy of the prior (``lora``)."""
@@ -79,6 +95,7 @@ class TrainConfig(Strict):
         4096, ge=1, description="recent terminal states kept for backward trajectories"
     )
     objective: ObjectiveConfig = ObjectiveConfig()
+    mass_covering: MassCoveringConfig = MassCoveringConfig()
     log_every_steps: int = Field(
         50, ge=1, description="average the step stats over this many steps into one train row"
     )

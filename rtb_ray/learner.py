@@ -11,6 +11,7 @@ from torch import nn
 from rtb_ray.config import AdapterConfig, TrainConfig
 from rtb_ray.networks import add_lora
 from rtb_ray.objectives import rtb_backward
+from rtb_ray.pretrain import pretrain_prior
 from rtb_ray.trajectory import TrajectoryBatch
 from rtb_ray.transitions import TransitionFamily
 
@@ -28,7 +29,8 @@ def make_posterior(prior: nn.Module, adapter: AdapterConfig) -> nn.Module:
 class Learner:
     """Owns the trainable state. The posterior starts as a copy of the (frozen) prior; log Z
     has its own, larger learning rate. ``version`` counts optimiser steps and is what rollouts
-    record as ``policy_version``."""
+    record as ``policy_version``. ``target_terminals`` (set by the trainer when
+    ``train.mass_covering`` is on) are the samples of the mass-covering term."""
 
     def __init__(
         self,
@@ -55,6 +57,18 @@ class Learner:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.generator = torch.Generator().manual_seed(seed)
         self.step_count = 0
+        self.target_terminals: torch.Tensor | None = None
+
+    def _target_batch(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        assert self.target_terminals is not None
+        rows = torch.randint(0, self.target_terminals.shape[0], (n,), generator=generator)
+        return self.target_terminals[rows].to(self.device)
+
+    def warm_start(self, steps: int, lr: float, progress: bool = False) -> list[float]:
+        """Fit the posterior to ``target_terminals`` by the family's denoising loss alone (its own
+        Adam; the learner's optimiser starts afresh). Returns the loss every 100 steps."""
+        return pretrain_prior(self.family, self.posterior, self._target_batch, steps,
+                              self.cfg.mass_covering.batch_size, lr, progress=progress)
 
     def _lr_factor(self, step: int) -> float:
         if self.cfg.lr_schedule == "constant":
@@ -73,6 +87,12 @@ class Learner:
         stats = rtb_backward(
             self.family, self.posterior, self.log_z, batch, self.cfg.objective, self.generator
         )
+        mass_covering = self.cfg.mass_covering
+        if mass_covering.weight > 0 and self.target_terminals is not None:
+            x = self._target_batch(mass_covering.batch_size, self.generator)
+            fit = self.family.pretrain_loss(self.posterior, x, self.generator)
+            (mass_covering.weight * fit).backward()  # added to the trajectory loss's gradients
+            stats["mass_covering_loss"] = fit.detach()
         if self.cfg.grad_clip is not None:
             stats["grad_norm"] = nn.utils.clip_grad_norm_(self.trainable, self.cfg.grad_clip)
         self.optimizer.step()

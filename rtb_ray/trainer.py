@@ -34,9 +34,10 @@ import yaml
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from rtb_ray.config import RunConfig, config_to_dict
+from rtb_ray.config import ConfigError, ObjectiveConfig, RunConfig, config_to_dict
 from rtb_ray.learner import Learner
-from rtb_ray.metrics import posterior_metrics, sir_indices, target_log_weights
+from rtb_ray.metrics import importance_metrics, posterior_metrics, sir_indices, target_log_weights
+from rtb_ray.objectives import scaled_log_reward
 from rtb_ray.pretrain import atomic_torch_save
 from rtb_ray.rollout import Sampler
 from rtb_ray.tasks import Task, make_task
@@ -70,6 +71,28 @@ def write_json(path: Path, obj: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
+
+
+@torch.no_grad()
+def resampled_prior_terminals(task: Task, prior: torch.nn.Module, n: int,
+                              objective: ObjectiveConfig, generator: torch.Generator,
+                              chunk: int = 4096) -> tuple[Tensor, dict]:
+    """n samples of the target p_prior·r^β, up to resampling error: n prior samples resampled
+    (with replacement) ∝ r^β, with the objective's floor on log r. Also returns how many distinct
+    prior samples survived and the importance weights' ESS fraction."""
+    xs, log_weights = [], []
+    for start in range(0, n, chunk):
+        states, _ = task.family.sample(prior, min(chunk, n - start), generator=generator)
+        x = states[:, -1].cpu()
+        lw = scaled_log_reward(task.log_reward(x, None), objective)
+        keep = torch.isfinite(lw)  # a sample the reward cannot score is not a target sample
+        xs.append(x[keep])
+        log_weights.append(lw[keep])
+    x, lw = torch.cat(xs), torch.cat(log_weights)
+    rows = sir_indices(lw, n, generator)
+    info = {"num_samples": n, "distinct": rows.unique().numel(),
+            "ess_fraction": importance_metrics(lw)["ess_fraction"]}
+    return x[rows], info
 
 
 @dataclass
@@ -145,6 +168,9 @@ class Trainer:
             self.load_checkpoint(load_run_checkpoint(ckpt, self.task.name, self.learner.posterior))
         elif ckpt.exists():
             raise FileExistsError(f"{self.output} already holds a run; pass --resume to continue it")
+        mass_covering = cfg.train.mass_covering
+        if mass_covering.weight > 0 or mass_covering.warm_start_steps > 0:
+            self.prepare_mass_covering(warm_start=not resume)
         (self.output / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         # Target trajectories for the EUBO: prior trajectories, resampled ∝ r^β at evaluation.
         self.target_pool = self.sampler.rollout(
@@ -157,6 +183,26 @@ class Trainer:
                                             tracking_uri=tracking_uri, ray_address=ray_address)
             if resume:
                 self.tracker.set_tags({"resumed_at_step": self.learner.step_count})
+            if self.learner.target_terminals is not None:
+                self._track_artifact(self.output / "mass_covering.json")
+
+    def prepare_mass_covering(self, warm_start: bool) -> None:
+        """The target samples of ``train.mass_covering`` (drawn again, identically, on resume)
+        and, on a fresh run, the warm start; both on the run's clock. A summary goes to
+        ``mass_covering.json``."""
+        if self.task.conditions(1) is not None:
+            raise ConfigError("train.mass_covering: needs an unconditional task (its target "
+                              "samples are drawn once, not per condition)")
+        mc, t0 = self.cfg.train.mass_covering, time.perf_counter()
+        self.learner.target_terminals, info = resampled_prior_terminals(
+            self.task, self.learner.prior, mc.num_samples, self.cfg.train.objective,
+            torch.Generator().manual_seed(self.cfg.seed + 2))
+        info["sample_s"] = time.perf_counter() - t0
+        if warm_start and mc.warm_start_steps > 0:
+            losses = self.learner.warm_start(mc.warm_start_steps, mc.warm_start_lr, self.progress)
+            info.update(warm_start_steps=mc.warm_start_steps, warm_start_losses=losses)
+        info["total_s"] = time.perf_counter() - t0
+        write_json(self.output / "mass_covering.json", info)
 
     # -- what subclasses provide ---------------------------------------------------------------
     def make_batch(self) -> TrajectoryBatch:

@@ -177,10 +177,11 @@ class PinnedBrownian(GaussianSteps):
         """Bridge matching: given x_1 and x_t on the Brownian bridge from 0, the expected
         increment is dt·(x_1 − x_t)/(1 − t). Regressing the drift on it has the same optimum as
         path maximum likelihood on bridge-noised data, with far less variance."""
-        n = x1.shape[0]
-        k = torch.randint(0, self.num_steps, (n,), generator=generator)
+        # noise from the (CPU) generator, then moved: the learner may run on a GPU
+        n, dev = x1.shape[0], x1.device
+        k = torch.randint(0, self.num_steps, (n,), generator=generator).to(dev)
         t = (k.float() / self.num_steps)[:, None]
-        z = torch.randn(x1.shape, generator=generator)
+        z = torch.randn(x1.shape, generator=generator).to(dev)
         x_t = t * x1 + (self.sigma**2 * t * (1 - t)).sqrt() * z
         target = (x1 - x_t) / (1 - t)
         return (self.drift(net, x_t, k) - target).square().sum(-1).mean()
@@ -303,6 +304,7 @@ class DDPMGaussian(GaussianSteps):
     def pretrain_loss(self, net: nn.Module, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """ε-matching (DDPM's simple loss) at a uniformly drawn diffusion time."""
         k = torch.randint(0, self.num_steps, (x0.shape[0],), generator=generator)
-        a = self.alpha_bar[k][:, None]
-        z = torch.randn(x0.shape, generator=generator)
+        a = self.alpha_bar[k][:, None].to(x0.device, x0.dtype)
+        z = torch.randn(x0.shape, generator=generator).to(x0.device)
+        k = k.to(x0.device)
         return (net(a.sqrt() * x0 + (1 - a).sqrt() * z, k) - z).square().sum(-1).mean()

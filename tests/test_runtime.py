@@ -166,7 +166,10 @@ def test_kill_and_scale_workers_while_training(tmp_path, cache):
 
 def test_sigkill_of_the_driver_then_resume(tmp_path, cache):
     run = tmp_path / "run"
-    proc = start(run, cache)
+    # with the mass-covering term on: the learner actor warm-starts once, not again on resume
+    overrides = RUNTIME + ["train.mass_covering.weight=1.0", "train.mass_covering.num_samples=500",
+                           "train.mass_covering.warm_start_steps=10"]
+    proc = start(run, cache, overrides=overrides)
     try:
         wait_for("a checkpoint", lambda: (run / "checkpoint.pt").exists()
                  and learner_step(run) >= 50, proc)
@@ -179,7 +182,8 @@ def test_sigkill_of_the_driver_then_resume(tmp_path, cache):
     on_disk = stored_rows(run).num_rows
     assert on_disk > 0
 
-    more = [o for o in RUNTIME if not o.startswith("train.steps")] + [
+    assert json.loads((run / "mass_covering.json").read_text())["warm_start_steps"] == 10
+    more = [o for o in overrides if not o.startswith("train.steps")] + [
         f"train.steps={saved + 25}"]
     again = rtb_ray("train", str(CONFIG), "--no-progress", "--resume", str(run), *sets(more),
                     cache=cache)
@@ -187,6 +191,10 @@ def test_sigkill_of_the_driver_then_resume(tmp_path, cache):
     assert f"continues run {mlflow_run}" in again.stdout
     final = json.loads((run / "final_eval.json").read_text())
     assert final["step"] == saved + 25
+    assert "warm_start_steps" not in json.loads((run / "mass_covering.json").read_text())
+    last_train = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+                  if '"train"' in line][-1]
+    assert last_train["mass_covering_loss"] > 0
     status_file = json.loads((run / "runtime_status.json").read_text())
     assert status_file["replay"]["loaded"] == on_disk  # the store reopened its segments
     check_nothing_lost(run)

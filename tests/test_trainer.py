@@ -1,11 +1,20 @@
-"""Pieces of the in-process trainer: batch composition, the backward pool, the schedule."""
+"""Pieces of the in-process trainer: batch composition, the backward pool, the schedule, the
+mass-covering term and its warm start."""
 
 from __future__ import annotations
 
+import copy
+import json
+
+import pytest
 import torch
 
-from rtb_ray.config import ExploreConfig
-from rtb_ray.trainer import TerminalPool, source_counts
+from rtb_ray.config import (ExploreConfig, MassCoveringConfig, ObjectiveConfig, TrainConfig,
+                            load_config)
+from rtb_ray.learner import Learner
+from rtb_ray.rollout import Sampler
+from rtb_ray.trainer import (InProcessTrainer, TerminalPool, resampled_prior_terminals,
+                             source_counts)
 from rtb_ray.trajectory import Source, TrajectoryBatch
 
 
@@ -50,3 +59,91 @@ def test_terminal_pool_weights_posterior_rows_by_target_over_behaviour():
     pool.add(batch)
     draws = pool.sample(20_000, torch.Generator().manual_seed(0))
     assert abs((draws[:, 0] == 1.0).double().mean().item() - 0.5) < 0.02
+
+
+def test_resampled_prior_terminals_are_samples_of_the_target(gaussian_task):
+    # prior N(0, 1) tilted by the likelihood: the exact posterior is N(0.75, 0.5)
+    x, info = resampled_prior_terminals(gaussian_task, gaussian_task.prior(), 20_000,
+                                        ObjectiveConfig(beta=1.0), torch.Generator().manual_seed(0))
+    assert x.shape == (20_000, 1)
+    assert abs(x.mean().item() - gaussian_task.post_mean.item()) < 0.03
+    assert abs(x.var().item() - gaussian_task.post_var) < 0.04
+    assert 0.5 < info["ess_fraction"] < 0.9 and 5_000 < info["distinct"] < 20_000
+    # β = 2 is the tilt by r²: the posterior with half the likelihood's variance
+    x2, _ = resampled_prior_terminals(gaussian_task, gaussian_task.prior(), 20_000,
+                                      ObjectiveConfig(beta=2.0), torch.Generator().manual_seed(0))
+    assert abs(x2.mean().item() - 1.0) < 0.03  # v = 1/(1 + 2) = 1/3, m = v·2·1.5 = 1
+
+
+def learner_grads(task, weight: float, batch, targets, state) -> list[torch.Tensor]:
+    """The gradients one learner step accumulates (the optimiser step skipped)."""
+    cfg = TrainConfig(steps=10, batch_size=64, objective=ObjectiveConfig(kind="vargrad"),
+                      mass_covering=MassCoveringConfig(weight=weight, batch_size=32))
+    learner = Learner(task.family, task.prior(), cfg)
+    learner.target_terminals = targets
+    learner.generator.set_state(state)
+    learner.optimizer.step = lambda *args, **kwargs: None
+    stats = learner.step(batch)
+    assert ("mass_covering_loss" in stats) == (weight > 0)
+    return [p.grad.clone() for p in learner.trainable]
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_mass_covering_adds_its_weighted_denoising_gradient(gaussian_task):
+    gen = torch.Generator().manual_seed(0)
+    net = gaussian_task.prior()
+    torch.nn.init.normal_(net.trunk[-1].weight, std=0.1)  # a drift that is not zero everywhere
+    gaussian_task.prior = lambda: copy.deepcopy(net)
+    batch = Sampler(gaussian_task, net, net).rollout(Source.PRIOR, 64, generator=gen)
+    targets = gaussian_task.sample_posterior(500, gen)
+    state = torch.Generator().manual_seed(3).get_state()
+    plain = learner_grads(gaussian_task, 0.0, batch, targets, state)
+    mixed = learner_grads(gaussian_task, 2.5, batch, targets, state)
+    # the same term by hand: the learner draws its rows, then the loss's noise, from its generator
+    g = torch.Generator().set_state(state)
+    posterior = copy.deepcopy(net).requires_grad_(True)
+    x = targets[torch.randint(0, 500, (32,), generator=g)]
+    fit = gaussian_task.family.pretrain_loss(posterior, x, g)
+    by_hand = torch.autograd.grad(fit, [p for p in posterior.parameters()])
+    assert any(h.abs().max() > 1e-4 for h in by_hand)
+    for p, m, h in zip(plain, mixed, by_hand):
+        torch.testing.assert_close(m - p, 2.5 * h, rtol=1e-4, atol=1e-5)
+
+
+def test_warm_start_alone_fits_the_target_samples(gaussian_task):
+    cfg = TrainConfig(steps=10, mass_covering=MassCoveringConfig(batch_size=256))
+    learner = Learner(gaussian_task.family, gaussian_task.prior(), cfg)
+    gen = torch.Generator().manual_seed(0)
+    learner.target_terminals = gaussian_task.sample_posterior(20_000, gen)
+    losses = learner.warm_start(300, 3e-3)
+    assert losses[-1] < losses[0]
+    x = gaussian_task.family.sample(learner.posterior, 20_000, generator=gen)[0][:, -1]
+    assert abs(x.mean().item() - gaussian_task.post_mean.item()) < 0.05
+    assert learner.step_count == 0  # the RTB steps, and the policy versions, start after it
+
+
+def test_in_process_run_with_mass_covering_warm_starts_once_and_resumes(tmp_path, cache, monkeypatch):
+    from test_cli import CONFIG, TINY
+
+    monkeypatch.setenv("RTB_RAY_CACHE", str(cache))
+    overrides = [*TINY, "train.mass_covering.weight=2.0", "train.mass_covering.num_samples=2000",
+                 "train.mass_covering.warm_start_steps=30", "tracking.enabled=false"]
+    half = load_config(CONFIG, [*overrides, "train.steps=10"])
+    run = tmp_path / "run"
+    trainer = InProcessTrainer(half, run, progress=False)
+    info = json.loads((run / "mass_covering.json").read_text())
+    assert info["warm_start_steps"] == 30 and 0 < info["distinct"] <= 2000
+    warm = copy.deepcopy(trainer.learner.posterior.state_dict())
+    assert any(not torch.equal(warm[k], v) for k, v in trainer.learner.prior.state_dict().items())
+    trainer.train()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["mass_covering_loss"] > 0 for r in rows if r["kind"] == "train")
+    saved = copy.deepcopy(trainer.learner.posterior.state_dict())
+    targets = trainer.learner.target_terminals
+
+    again = InProcessTrainer(load_config(CONFIG, overrides), run, resume=True, progress=False)
+    assert "warm_start_steps" not in json.loads((run / "mass_covering.json").read_text())
+    for k, v in again.learner.posterior.state_dict().items():  # the checkpoint's, not re-warmed
+        assert torch.equal(v, saved[k]), k
+    assert torch.equal(again.learner.target_terminals, targets)  # the same samples, drawn again
+    assert again.train()["step"] == 20
