@@ -35,7 +35,7 @@ from actors.weights import WeightStore
 from rtb_ray.config import ROLES, RunConfig, config_to_dict
 from rtb_ray.learner import make_posterior
 from rtb_ray.tasks import make_task
-from rtb_ray.trainer import format_eval, load_run_checkpoint, write_json
+from rtb_ray.trainer import check_config_for_task, format_eval, load_run_checkpoint, write_json
 
 NAMESPACE = "rtb-ray"
 RUNTIME_FILE = "runtime.json"
@@ -84,9 +84,10 @@ def connect(output: Path) -> tuple[dict[str, Any], Any]:
 
 def _prior_file(cfg: RunConfig, resume_from: Path | None) -> bytes | None:
     """The prior checkpoint, pretrained here if missing, to ship to nodes that lack it; a run
-    checkpoint to resume is checked against the task and network first (a clear error here,
-    before any actor starts)."""
+    checkpoint to resume, and the config, are checked against the task and network first (a
+    clear error here, before any actor starts)."""
     task = make_task(cfg.task)
+    check_config_for_task(cfg, task)
     prior = task.prior()
     if resume_from is not None:
         load_run_checkpoint(resume_from, task.name, make_posterior(prior, cfg.train.adapter))

@@ -59,12 +59,17 @@ class MassCoveringConfig(Strict):
     of the target. Each learner step then adds ``weight`` × the family's denoising loss on
     ``batch_size`` of them. RTB's squared error in log space gives a class whose log r varies
     much within it about exp(E[β log r]) of mass instead of E[r^β]; the denoising loss fits the
-    mass (a forward KL). ``warm_start_steps`` first fit the posterior to those samples alone."""
+    mass (a forward KL). ``first_steps`` limits the term to the noisiest chain steps, where the
+    coarse shape (for digits: the class) is drawn. ``warm_start_steps`` first fit the posterior
+    to those samples alone."""
 
     weight: float = Field(0.0, ge=0, description="× the denoising loss on target samples")
     num_samples: int = Field(20_000, ge=1, description="prior samples resampled ∝ r^β, once")
     batch_size: int = Field(256, ge=1)
-    warm_start_steps: int = Field(0, ge=0, description="denoising-only steps before the first")
+    first_steps: int | None = Field(
+        None, ge=1, description="the term only on chain steps k < first_steps, where the "
+                                "coarse shape is drawn (None: all steps); RTB alone shapes the rest")
+    warm_start_steps: int = Field(0, ge=0, description="denoising-only steps before the first RTB step")
     warm_start_lr: float = Field(3e-4, gt=0)
 
 

@@ -90,7 +90,8 @@ class Learner:
         mass_covering = self.cfg.mass_covering
         if mass_covering.weight > 0 and self.target_terminals is not None:
             x = self._target_batch(mass_covering.batch_size, self.generator)
-            fit = self.family.pretrain_loss(self.posterior, x, self.generator)
+            fit = self.family.pretrain_loss(self.posterior, x, self.generator,
+                                            mass_covering.first_steps)
             (mass_covering.weight * fit).backward()  # added to the trajectory loss's gradients
             stats["mass_covering_loss"] = fit.detach()
         if self.cfg.grad_clip is not None:

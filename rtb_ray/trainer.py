@@ -73,6 +73,19 @@ def write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def check_config_for_task(cfg: RunConfig, task: Task) -> None:
+    """What the config's own validation cannot see: settings that depend on the task. Called
+    before anything is written or started (ConfigError naming the key)."""
+    mc = cfg.train.mass_covering
+    if mc.weight > 0 or mc.warm_start_steps > 0:
+        if task.conditions(1) is not None:
+            raise ConfigError("train.mass_covering: needs an unconditional task (its target "
+                              "samples are drawn once, not per condition)")
+        if mc.first_steps is not None and mc.first_steps > task.family.num_steps:
+            raise ConfigError(f"train.mass_covering.first_steps: {mc.first_steps} is more than "
+                              f"the task's {task.family.num_steps} steps")
+
+
 @torch.no_grad()
 def resampled_prior_terminals(task: Task, prior: torch.nn.Module, n: int,
                               objective: ObjectiveConfig, generator: torch.Generator,
@@ -152,6 +165,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.device = resolve_device(cfg.device)
         self.task: Task = make_task(cfg.task)
+        check_config_for_task(cfg, self.task)
         prior = self.task.prior()
         self.learner = Learner(self.task.family, prior, cfg.train, self.device, cfg.seed)
         self.sampler = Sampler(self.task, self.learner.prior, self.learner.posterior)
@@ -190,9 +204,6 @@ class Trainer:
         """The target samples of ``train.mass_covering`` (drawn again, identically, on resume)
         and, on a fresh run, the warm start; both on the run's clock. A summary goes to
         ``mass_covering.json``."""
-        if self.task.conditions(1) is not None:
-            raise ConfigError("train.mass_covering: needs an unconditional task (its target "
-                              "samples are drawn once, not per condition)")
         mc, t0 = self.cfg.train.mass_covering, time.perf_counter()
         self.learner.target_terminals, info = resampled_prior_terminals(
             self.task, self.learner.prior, mc.num_samples, self.cfg.train.objective,

@@ -173,13 +173,15 @@ class PinnedBrownian(GaussianSteps):
             log_q += _normal_log_prob(noise[:, t] * math.sqrt(var), torch.zeros_like(x), var)
         return states, log_q
 
-    def pretrain_loss(self, net: nn.Module, x1: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def pretrain_loss(self, net: nn.Module, x1: Tensor, generator: torch.Generator | None = None,
+                      first_steps: int | None = None) -> Tensor:
         """Bridge matching: given x_1 and x_t on the Brownian bridge from 0, the expected
         increment is dt·(x_1 − x_t)/(1 − t). Regressing the drift on it has the same optimum as
-        path maximum likelihood on bridge-noised data, with far less variance."""
+        path maximum likelihood on bridge-noised data, with far less variance. ``first_steps``:
+        only chain steps k < first_steps."""
         # noise from the (CPU) generator, then moved: the learner may run on a GPU
         n, dev = x1.shape[0], x1.device
-        k = torch.randint(0, self.num_steps, (n,), generator=generator).to(dev)
+        k = torch.randint(0, first_steps or self.num_steps, (n,), generator=generator).to(dev)
         t = (k.float() / self.num_steps)[:, None]
         z = torch.randn(x1.shape, generator=generator).to(dev)
         x_t = t * x1 + (self.sigma**2 * t * (1 - t)).sqrt() * z
@@ -301,9 +303,11 @@ class DDPMGaussian(GaussianSteps):
             log_q += _normal_log_prob(step, torch.zeros_like(step), beta)
         return states, log_q
 
-    def pretrain_loss(self, net: nn.Module, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """ε-matching (DDPM's simple loss) at a uniformly drawn diffusion time."""
-        k = torch.randint(0, self.num_steps, (x0.shape[0],), generator=generator)
+    def pretrain_loss(self, net: nn.Module, x0: Tensor, generator: torch.Generator | None = None,
+                      first_steps: int | None = None) -> Tensor:
+        """ε-matching (DDPM's simple loss) at a uniformly drawn diffusion time. ``first_steps``:
+        only chain steps k < first_steps, the noisiest diffusion times."""
+        k = torch.randint(0, first_steps or self.num_steps, (x0.shape[0],), generator=generator)
         a = self.alpha_bar[k][:, None].to(x0.device, x0.dtype)
         z = torch.randn(x0.shape, generator=generator).to(x0.device)
         k = k.to(x0.device)

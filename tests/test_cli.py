@@ -52,6 +52,9 @@ def sets(items: list[str]) -> list[str]:
         ("task.num_steps=0", "task.num_steps: Input should be greater than or equal to 1"),
         ("train.objective.kind=ppo", "train.objective.kind"),
         ("train.sources={posterior: 1, replay: 1}", "unknown source 'replay'"),
+        # checked against the task (T = 100 here) before Ray starts or the prior is pretrained
+        ("train.mass_covering={weight: 1, first_steps: 999}",
+         "train.mass_covering.first_steps: 999 is more than the task's 100 steps"),
     ],
 )
 def test_bad_config_is_one_clear_line(tmp_path, override, expected):

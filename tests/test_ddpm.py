@@ -159,3 +159,29 @@ def test_mean_pairwise_cosine_distance():
     assert mean_pairwise_cosine_distance(torch.ones(5, 3)) == pytest.approx(0.0, abs=1e-12)
     x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
     assert mean_pairwise_cosine_distance(x) == pytest.approx(2.0)
+
+
+class _RecordSteps(nn.Module):
+    """Predicts ε = 0 and remembers which chain steps it was asked about."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+        self.scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t_index, cond=None):
+        self.seen.append(torch.as_tensor(t_index))
+        return self.scale * x
+
+
+def test_denoising_loss_on_the_first_steps_only_sees_the_noisiest_times():
+    family = DDPMGaussian(dim=4, num_steps=20)
+    net, gen = _RecordSteps(), torch.Generator().manual_seed(0)
+    x0 = torch.randn(4096, 4, generator=gen)
+    restricted = family.pretrain_loss(net, x0, gen, first_steps=6)
+    assert int(net.seen[-1].max()) == 5 and int(net.seen[-1].min()) == 0
+    everywhere = family.pretrain_loss(net, x0, gen)
+    assert int(net.seen[-1].max()) == 19
+    # ε-matching with ε̂ = 0 costs E|ε|² = dim at every time: the restriction changes which
+    # times are drawn, not the loss's scale
+    assert abs(restricted.item() - 4) < 0.2 and abs(everywhere.item() - 4) < 0.2

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from rtb_ray.config import (ExploreConfig, MassCoveringConfig, ObjectiveConfig, TrainConfig,
-                            load_config)
+from rtb_ray.config import (ConfigError, ExploreConfig, MassCoveringConfig, ObjectiveConfig,
+                            TrainConfig, load_config)
 from rtb_ray.learner import Learner
 from rtb_ray.rollout import Sampler
 from rtb_ray.trainer import (InProcessTrainer, TerminalPool, resampled_prior_terminals,
@@ -126,6 +126,11 @@ def test_in_process_run_with_mass_covering_warm_starts_once_and_resumes(tmp_path
     from test_cli import CONFIG, TINY
 
     monkeypatch.setenv("RTB_RAY_CACHE", str(cache))
+    with pytest.raises(ConfigError, match="train.mass_covering.first_steps: 21 is more than"):
+        InProcessTrainer(load_config(CONFIG, [*TINY, "train.mass_covering.weight=1",
+                                              "train.mass_covering.first_steps=21"]),
+                         tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
     overrides = [*TINY, "train.mass_covering.weight=2.0", "train.mass_covering.num_samples=2000",
                  "train.mass_covering.warm_start_steps=30", "tracking.enabled=false"]
     half = load_config(CONFIG, [*overrides, "train.steps=10"])
