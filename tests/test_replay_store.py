@@ -17,7 +17,8 @@ import torch
 
 from rtb_ray.replay import CorruptSegmentWarning, InsertStatus, ReplayStore
 from rtb_ray.replay.ring import ColumnRing
-from rtb_ray.trajectory import Source, TrajectoryBatch, TrajectoryLayout, to_arrow
+from rtb_ray.trajectory import (Source, TrajectoryBatch, TrajectoryLayout, columns_from_batch,
+                                to_arrow)
 
 STEPS, DIM = 10, 2
 
@@ -109,6 +110,20 @@ def test_fifo_eviction_at_row_capacity() -> None:
     stats = store.stats()
     assert (stats["size"], stats["evicted"], stats["inserted"]) == (100, 150, 250)
     assert set(store.sample(5000).extras["id"].tolist()) == set(range(150, 250))
+
+
+def test_ring_gathers_rows_by_sequence_numbers_far_beyond_its_capacity() -> None:
+    # A long run's sequence numbers outgrow the ring by many orders of magnitude; a gather must
+    # still be one modulo per row (numpy's take(mode="wrap") loops s / capacity times per row:
+    # here ~10¹¹ iterations, so this test would not finish).
+    b = batch(5, seed=3)
+    rows = columns_from_batch(b)
+    ring = ColumnRing(rows.layout, capacity=7)
+    start = 10**12 + 3  # rows land in slots 3..6 and 0 (wrapping)
+    ring.write(start, rows)
+    got = ring.gather(np.array([start + 4, start, start + 2]))
+    np.testing.assert_array_equal(got["states"], b.states.numpy()[[4, 0, 2]])
+    np.testing.assert_array_equal(got["log_reward"], b.log_reward.numpy()[[4, 0, 2]])
 
 
 def test_fifo_eviction_at_byte_capacity_and_memory_is_allocated_once() -> None:

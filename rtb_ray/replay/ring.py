@@ -71,11 +71,15 @@ class ColumnRing:
 
     def gather(self, seqs: np.ndarray) -> dict[str, np.ndarray]:
         """All columns of the given rows (copies; the small columns share one packed array)."""
-        # mode="wrap" is exactly "sequence number s lives at s % capacity", and skips numpy's
-        # bounds check: ~7 % of the gather of 1 MB of random rows
-        tensors = {name: array.take(seqs, axis=0, mode="wrap")
+        # Sequence number s lives at s % capacity. Not take(mode="wrap"): numpy wraps each index
+        # by repeated subtraction, O(s / capacity), so a long run's gathers would slow down
+        # without bound (1.5 ms instead of 15 µs for 512 rows after 10⁸ inserts into 10⁴ slots).
+        # mode="clip" on indices already in range skips the bounds check ("raise"): ~7 % of the
+        # gather of 1 MB of random rows.
+        slots = np.remainder(seqs, self.capacity)
+        tensors = {name: array.take(slots, axis=0, mode="clip")
                    for name, array in self.tensors.items()}
-        meta = self.meta.take(seqs, mode="wrap")
+        meta = self.meta.take(slots, mode="clip")
         # the small columns stay strided views of the gathered copy (torch and Arrow take them)
         return {**tensors, **{name: meta[name] for name in META.names}}
 
