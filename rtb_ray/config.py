@@ -72,6 +72,11 @@ class MassCoveringConfig(Strict):
     warm_start_steps: int = Field(0, ge=0, description="denoising-only steps before the first RTB step")
     warm_start_lr: float = Field(3e-4, gt=0)
 
+    @property
+    def enabled(self) -> bool:
+        """Whether the run needs the target samples (for the term or the warm start)."""
+        return self.weight > 0 or self.warm_start_steps > 0
+
 
 class AdapterConfig(Strict):
     """What of the posterior network is trained: all of it (``full``) or low-rank adapters on

@@ -77,7 +77,7 @@ def check_config_for_task(cfg: RunConfig, task: Task) -> None:
     """What the config's own validation cannot see: settings that depend on the task. Called
     before anything is written or started (ConfigError naming the key)."""
     mc = cfg.train.mass_covering
-    if mc.weight > 0 or mc.warm_start_steps > 0:
+    if mc.enabled:
         if task.conditions(1) is not None:
             raise ConfigError("train.mass_covering: needs an unconditional task (its target "
                               "samples are drawn once, not per condition)")
@@ -182,8 +182,7 @@ class Trainer:
             self.load_checkpoint(load_run_checkpoint(ckpt, self.task.name, self.learner.posterior))
         elif ckpt.exists():
             raise FileExistsError(f"{self.output} already holds a run; pass --resume to continue it")
-        mass_covering = cfg.train.mass_covering
-        if mass_covering.weight > 0 or mass_covering.warm_start_steps > 0:
+        if cfg.train.mass_covering.enabled:
             self.prepare_mass_covering(warm_start=not resume)
         (self.output / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         # Target trajectories for the EUBO: prior trajectories, resampled ∝ r^β at evaluation.
