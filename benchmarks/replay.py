@@ -14,7 +14,10 @@ Definitions (all measured in this run, on this machine):
   reused buffers is reported as ``memcpy_cache_gbps``: a 1 MB copy then never leaves L2, so it
   measures the cache (2-3x DRAM here), which no operation on a ring of 10^4..10^6 rows can use.
 - numpy equivalent: the same copy into the store's own ring arrays and ``take`` of the same
-  number of random rows, without the store (what the hot path cannot avoid).
+  number of random rows, without the store (what the hot path cannot avoid): its ratio to
+  memcpy is the ceiling of any store here. ``two_threads``: the same with the copies in and the
+  takes out on two threads at once, against memcpy on two threads (does the second core move
+  the ceiling?).
 - latency: ``store.sample(512)`` (uniform), then numpy fancy indexing ``states[idx]`` of the
   very rows each sample returned (run after the store pass, so any cache advantage is numpy's).
 - sealing: write + fsync + rename + manifest of each segment, timed in the sealer thread.
@@ -31,6 +34,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -80,21 +84,11 @@ def fill(store: ReplayStore, rows: int, dim: int, chunk_bytes: int = 8 * MB) -> 
     return time.perf_counter() - t0
 
 
-def memcpy_gbps(nbytes: int, reps: int) -> tuple[float, float]:
-    """(memory, cache) bandwidth of ``np.copyto`` of ``nbytes``, in GB/s.
-
-    memory: the copies insert+sample make, as plain memcpy: a batch-sized buffer into a slot of
-    a 256 MiB region (far larger than the caches, like the store's ring), then a slot out of
-    it, alternating, slots rotating. cache: one buffer into another, both reused, so a 1 MB copy
-    never leaves L2 (it measures the cache, which no store of 10^4..10^6 rows stays in)."""
+def rotating_copies(region: np.ndarray, nbytes: int, reps: int) -> float:
+    """Seconds for ``reps`` copies of ``nbytes`` between a batch-sized buffer and rotating slots
+    of ``region``, alternating in and out: the copies insert and sample make, as plain memcpy."""
     src, dst = np.ones(nbytes, np.uint8), np.empty(nbytes, np.uint8)
-    np.copyto(dst, src)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        np.copyto(dst, src)
-    cache = nbytes * reps / (time.perf_counter() - t0) / 1e9
-    slots = max(4, (256 * MB) // nbytes)
-    region = np.ones(slots * nbytes, np.uint8)
+    slots = len(region) // nbytes
     t0 = time.perf_counter()
     for i in range(reps):
         j = (i * 7919) % slots
@@ -102,8 +96,59 @@ def memcpy_gbps(nbytes: int, reps: int) -> tuple[float, float]:
             np.copyto(dst, region[j * nbytes:(j + 1) * nbytes])
         else:
             np.copyto(region[j * nbytes:(j + 1) * nbytes], src)
-    memory = nbytes * reps / (time.perf_counter() - t0) / 1e9
+    return time.perf_counter() - t0
+
+
+def memcpy_gbps(nbytes: int, reps: int) -> tuple[float, float]:
+    """(memory, cache) bandwidth of ``np.copyto`` of ``nbytes``, in GB/s.
+
+    memory: ``rotating_copies`` through a 256 MiB region (far larger than the caches, like the
+    store's ring). cache: one buffer into another, both reused, so a 1 MB copy never leaves L2
+    (it measures the cache, which no store of 10^4..10^6 rows stays in)."""
+    src, dst = np.ones(nbytes, np.uint8), np.empty(nbytes, np.uint8)
+    np.copyto(dst, src)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        np.copyto(dst, src)
+    cache = nbytes * reps / (time.perf_counter() - t0) / 1e9
+    region = np.ones(max(4 * nbytes, 256 * MB), np.uint8)
+    memory = nbytes * reps / rotating_copies(region, nbytes, reps) / 1e9
     return memory, cache
+
+
+def together(*jobs) -> float:
+    """Wall seconds of running the jobs on threads at once (numpy releases the GIL in copies)."""
+    threads = [threading.Thread(target=job) for job in jobs]
+    t0 = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - t0
+
+
+def two_threads(ring: np.ndarray, b: int, cycles: int) -> dict:
+    """Whether the second core changes the ratio: the numpy equivalent with its copies in and
+    takes out on two threads at once, against memcpy on two threads."""
+    states = np.ascontiguousarray(ring[:b])
+    cycles = max(cycles, (512 * MB) // states.nbytes)  # long enough to hide starting threads
+
+    def copy_in() -> None:
+        for i in range(cycles):
+            at = (i * b) % (len(ring) - b)
+            ring[at:at + b] = states
+
+    def take_out() -> None:
+        rng = np.random.default_rng(1)
+        for _ in range(cycles):
+            ring.take(rng.integers(0, len(ring), b), axis=0)
+
+    numpy_gbps = 2 * states.nbytes * cycles / together(copy_in, take_out) / 1e9
+    regions = [np.ones(max(4 * states.nbytes, 256 * MB), np.uint8) for _ in range(2)]
+    memcpy = 2 * states.nbytes * cycles / together(
+        *[lambda r=r: rotating_copies(r, states.nbytes, cycles) for r in regions]) / 1e9
+    return {"numpy_equivalent_gbps": numpy_gbps, "memcpy_gbps": memcpy,
+            "ratio": numpy_gbps / memcpy}
 
 
 def percentiles_ms(seconds: list[float]) -> dict[str, float]:
@@ -142,6 +187,7 @@ def throughput(store: ReplayStore, dim: int, rows: int, b: int, cycles: int) -> 
         ring[at:at + b] = states
         ring.take(rng.integers(0, len(ring), b), axis=0)
     numpy_s = time.perf_counter() - t0
+    both_cores = two_threads(ring, b, cycles)
     moved = 2 * nbytes * cycles
     total = moved / (insert_s + sample_s) / 1e9
     return {
@@ -153,6 +199,7 @@ def throughput(store: ReplayStore, dim: int, rows: int, b: int, cycles: int) -> 
         "throughput_gbps": total, "memcpy_gbps": memcpy, "memcpy_cache_gbps": memcpy_cache,
         "numpy_equivalent_gbps": 2 * states.nbytes * cycles / numpy_s / 1e9,
         "ratio_to_memcpy": total / memcpy, "ratio_to_memcpy_cache": total / memcpy_cache,
+        "two_threads": both_cores,
     }
 
 
@@ -329,6 +376,10 @@ def main() -> None:
         "throughput_ratio_to_cache_memcpy": worst["ratio_to_memcpy_cache"],
         "throughput_ratio_to_numpy_equivalent":
             worst["throughput_gbps"] / worst["numpy_equivalent_gbps"],
+        # the ceiling: plain numpy's copy + take, no store, against the same memcpy; and the
+        # same on two threads against memcpy on two threads
+        "numpy_equivalent_ratio": worst["numpy_equivalent_gbps"] / worst["memcpy_gbps"],
+        "numpy_equivalent_ratio_two_threads": worst["two_threads"]["ratio"],
         "best_throughput_ratio": max(t["ratio_to_memcpy"] for t in big),
         "p99_sample_ms": lat["store"]["p99_ms"],
         "numpy_p99_sample_ms": lat["numpy_fancy_indexing"]["p99_ms"],
