@@ -127,23 +127,32 @@ def together(*jobs) -> float:
     return time.perf_counter() - t0
 
 
-def two_threads(ring: np.ndarray, b: int, cycles: int) -> dict:
+def copy_in(ring: np.ndarray, states: np.ndarray, i: int) -> None:
+    """The numpy equivalent of insert number i: the batch copied into the next rows."""
+    at = (i * len(states)) % (len(ring) - len(states))
+    ring[at:at + len(states)] = states
+
+
+def take_out(ring: np.ndarray, b: int, rng: np.random.Generator) -> np.ndarray:
+    """The numpy equivalent of a sample: ``take`` of b random rows."""
+    return ring.take(rng.integers(0, len(ring), b), axis=0)
+
+
+def two_threads(ring: np.ndarray, states: np.ndarray, cycles: int) -> dict:
     """Whether the second core changes the ratio: the numpy equivalent with its copies in and
     takes out on two threads at once, against memcpy on two threads."""
-    states = np.ascontiguousarray(ring[:b])
     cycles = max(cycles, (512 * MB) // states.nbytes)  # long enough to hide starting threads
-
-    def copy_in() -> None:
+    def copies_in() -> None:
         for i in range(cycles):
-            at = (i * b) % (len(ring) - b)
-            ring[at:at + b] = states
+            copy_in(ring, states, i)
 
-    def take_out() -> None:
+    def takes_out() -> None:  # each sample dropped as the next is taken, as a learner does
         rng = np.random.default_rng(1)
         for _ in range(cycles):
-            ring.take(rng.integers(0, len(ring), b), axis=0)
+            take_out(ring, len(states), rng)
 
-    numpy_gbps = 2 * states.nbytes * cycles / together(copy_in, take_out) / 1e9
+    seconds = together(copies_in, takes_out)
+    numpy_gbps = 2 * states.nbytes * cycles / seconds / 1e9
     regions = [np.ones(max(4 * states.nbytes, 256 * MB), np.uint8) for _ in range(2)]
     memcpy = 2 * states.nbytes * cycles / together(
         *[lambda r=r: rotating_copies(r, states.nbytes, cycles) for r in regions]) / 1e9
@@ -183,11 +192,10 @@ def throughput(store: ReplayStore, dim: int, rows: int, b: int, cycles: int) -> 
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     for i in range(cycles):
-        at = (i * b) % (len(ring) - b)
-        ring[at:at + b] = states
-        ring.take(rng.integers(0, len(ring), b), axis=0)
+        copy_in(ring, states, i)
+        take_out(ring, b, rng)
     numpy_s = time.perf_counter() - t0
-    both_cores = two_threads(ring, b, cycles)
+    both_cores = two_threads(ring, states, cycles)
     moved = 2 * nbytes * cycles
     total = moved / (insert_s + sample_s) / 1e9
     return {
