@@ -17,7 +17,7 @@ from typing import Any
 
 import ray
 
-from rtb_ray.config import ROLES, validate_config
+from rtb_ray.config import ROLES, check_worker_counts, validate_config
 
 THROUGHPUT_WINDOW_S = 20.0
 MAX_FAILED_STARTS = 5  # a role whose new workers keep dying is not restarted forever
@@ -185,12 +185,9 @@ class Coordinator:
     # -- calls from the driver, the learner and ``rtb-ray scale/status`` -------------------------
     def scale(self, counts: dict[str, int]) -> dict[str, int]:
         """Set the number of workers of some roles; returns all targets."""
-        for role, n in counts.items():
-            if role not in ROLES:
-                raise ValueError(f"unknown role {role!r} (roles: {list(ROLES)})")
-            if not isinstance(n, int) or n < 0:
-                raise ValueError(f"workers of {role!r} must be an integer >= 0 (got {n!r})")
+        check_worker_counts(counts, total=False)
         with self.lock:
+            check_worker_counts({**self.targets, **counts})
             self.targets.update(counts)
             for role in counts:
                 self.failed_starts[role] = 0

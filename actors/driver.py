@@ -15,10 +15,8 @@ for ``rtb-ray status`` and ``rtb-ray scale``.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -31,55 +29,18 @@ from tqdm.auto import tqdm
 from actors.coordinator import Coordinator
 from actors.learner import LearnerActor
 from actors.replay import ReplayStoreActor
+from actors.session import NAMESPACE, RUNTIME_FILE, init_ray, read_runtime
 from actors.weights import WeightStore
 from rtb_ray.config import ROLES, RunConfig, config_to_dict
 from rtb_ray.learner import make_posterior
 from rtb_ray.tasks import make_task
 from rtb_ray.trainer import check_config_for_task, format_eval, load_run_checkpoint, write_json
 
-NAMESPACE = "rtb-ray"
-RUNTIME_FILE = "runtime.json"
-
 
 def run_id(output: Path) -> str:
     """Names the run's actors: readable, and unique per run directory on a shared cluster."""
     digest = hashlib.sha256(str(output.resolve()).encode()).hexdigest()[:8]
     return f"{output.name}-{digest}"
-
-
-def read_runtime(output: Path) -> dict[str, Any]:
-    path = Path(output) / RUNTIME_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{output} has no {RUNTIME_FILE}: not a run of the Ray runtime")
-    return json.loads(path.read_text())
-
-
-def init_ray(address: str | None, namespace: str = NAMESPACE) -> None:
-    """Start a local Ray (address None) or join one, with token authentication (see
-    actors/__init__.py). No dashboard: nothing listens that a run does not need."""
-    ray.init(address=address, namespace=namespace, include_dashboard=False,
-             log_to_driver=False, logging_level="ERROR")
-
-
-def connect(output: Path) -> tuple[dict[str, Any], Any]:
-    """Join the Ray cluster of a live run; returns (runtime.json, its coordinator). Fails fast
-    (RuntimeError) when the run has ended or its cluster is unreachable."""
-    info = read_runtime(output)
-    if "ended" in info:
-        raise RuntimeError(f"run {info['run']} ended ({info['ended']}); its final status is in "
-                           f"{Path(output) / 'runtime_status.json'}")
-    host, _, port = info["address"].rpartition(":")
-    try:  # ray.init would retry an unreachable address for a minute
-        socket.create_connection((host, int(port)), timeout=3).close()
-    except OSError:
-        raise RuntimeError(f"run {info['run']} is not running (nothing answers at "
-                           f"{info['address']})") from None
-    init_ray(info["address"], info["namespace"])
-    try:
-        return info, ray.get_actor(info["coordinator"], namespace=info["namespace"])
-    except ValueError:
-        raise RuntimeError(f"run {info['run']} is not running (no coordinator on "
-                           f"{info['address']})") from None
 
 
 def _prior_file(cfg: RunConfig, resume_from: Path | None) -> bytes | None:

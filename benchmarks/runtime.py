@@ -22,7 +22,6 @@ Prints and saves ``runtime.json`` (``runtime_quick.json`` with --quick) in DIR
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
@@ -41,7 +40,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-importlib.import_module("actors")  # token authentication, before Ray is imported
+from actors.session import init_ray, prepare_ray  # noqa: E402
+
+prepare_ray(None)  # before anything imports Ray
 from rtb_ray.config import config_to_dict, load_config  # noqa: E402
 from rtb_ray.learner import Learner  # noqa: E402
 from rtb_ray.rollout import Sampler  # noqa: E402
@@ -183,8 +184,7 @@ def memory_run(minutes: float, out_dir: Path) -> dict:
             raise RuntimeError("the run did not start")
         time.sleep(1)
     info = json.loads((run / "runtime.json").read_text())
-    ray.init(address=info["address"], namespace=info["namespace"], log_to_driver=False,
-             logging_level="ERROR")
+    init_ray(info["address"], info["namespace"])
     samples = []
     t_start = time.time()
     try:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from rtb_ray.config import ConfigError, RunConfig, apply_overrides, load_config, validate_config
+# torch is imported by the commands that use it: `rtb-ray status` answers in about a second
+from rtb_ray.config import (MAX_WORKERS_PER_ROLE, ROLES, ConfigError, RunConfig, apply_overrides,
+                            check_worker_counts, load_config, validate_config)
 
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
 
@@ -90,9 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--workers", type=int, metavar="N",
                      help="N workers in all, split between the roles as in runtime.workers")
-    how.add_argument("--role", metavar="ROLE=N[,ROLE=N]",
+    how.add_argument("--role", metavar="ROLE=N[,ROLE=N]", action="append",
                      help="workers per role, e.g. posterior=4,prior=2 (roles: posterior, prior, "
-                          "backward)")
+                          "backward; repeatable; roles not named keep their count; at least "
+                          "one worker must remain)")
 
     p = sub.add_parser("pretrain", help="pretrain and cache a task's prior",
                        description="Pretrain the prior of a task and store it where configs find "
@@ -167,11 +166,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume = bool(args.resume)
     output = output or Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not args.in_process:
-        single_node_ray(args.address)
-        from actors.driver import train_on_ray
-
         if args.address is not None and args.address != "auto" and ":" not in args.address:
             raise ConfigError(f"--address: expected 'auto' or HOST:PORT (got {args.address!r})")
+        from actors.session import prepare_ray
+
+        prepare_ray(args.address)
+        from actors.driver import train_on_ray
+
         return train_on_ray(cfg, output, address=args.address, resume=resume,
                             tracking_uri=tracking_uri, progress=not args.no_progress)
     if args.address is not None:
@@ -195,15 +196,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_role_counts(text: str) -> dict[str, int]:
+def parse_role_counts(texts: list[str]) -> dict[str, int]:
+    """``--role`` values (``ROLE=N[,ROLE=N]``, repeatable; a later one wins for its role)."""
     counts = {}
-    for item in text.split(","):
+    for item in ",".join(texts).split(","):
         role, sep, n = item.partition("=")
         if not sep or not n.strip().isdigit():
             raise ConfigError(f"--role: expected ROLE=N[,ROLE=N], e.g. posterior=4,prior=2 "
                               f"(got {item!r})")
         counts[role.strip()] = int(n)
-    return counts
+    try:
+        return check_worker_counts(counts, total=False)
+    except ValueError as err:
+        raise ConfigError(f"--role: {err}") from None
 
 
 def split_workers(total: int, shares: dict[str, int]) -> dict[str, int]:
@@ -220,33 +225,17 @@ def split_workers(total: int, shares: dict[str, int]) -> dict[str, int]:
     return {**{r: 0 for r in shares}, **counts}
 
 
-def single_node_ray(address: str | None) -> None:
-    """Without an address, the local Ray instance serves this machine only: Ray's single-node
-    switch makes every Ray server (GCS, raylet, workers, agents) bind 127.0.0.1. A process that
-    joins such an instance (a loopback address) must run in the same mode, or it looks for its
-    raylet on the machine's external address. Ray reads the switch on import: call this first."""
-    host = None if address is None else address.rpartition(":")[0]
-    if address is None or host in ("127.0.0.1", "localhost"):
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-
-
-def _run_address(run_dir: Path) -> str | None:
-    path = run_dir / "runtime.json"
-    return json.loads(path.read_text()).get("address") if path.exists() else None
-
-
 def cmd_status(args: argparse.Namespace) -> int:
-    single_node_ray(_run_address(args.run_dir) or "auto")
-    import ray
-
-    from actors.driver import connect
+    from actors.session import connect
 
     try:
         _, coordinator = connect(args.run_dir)
-        status = ray.get(coordinator.status.remote())
     except RuntimeError as err:
         print(f"rtb-ray: {err}", file=sys.stderr)
         return 1
+    import ray
+
+    status = ray.get(coordinator.status.remote())
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -255,8 +244,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def format_status(s: dict) -> str:
-    from rtb_ray.config import ROLES
-
     lines = [f"run {s['run']}  up {s['uptime_s']:.0f}s"]
     w = s["weights"]
     if w:
@@ -282,25 +269,26 @@ def format_status(s: dict) -> str:
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    single_node_ray(_run_address(args.run_dir) or "auto")
-    import ray
-
-    from actors.driver import connect
+    from actors.session import connect
 
     if args.workers is not None:
-        if args.workers < 1:
-            raise ConfigError("--workers must be >= 1")
+        most = MAX_WORKERS_PER_ROLE * len(ROLES)
+        if not 1 <= args.workers <= most:
+            raise ConfigError(f"--workers must be in 1..{most} (got {args.workers})")
         counts = split_workers(args.workers,
                                load_config(args.run_dir / "config.yaml").runtime.workers)
     else:
         counts = parse_role_counts(args.role)
     try:
         _, coordinator = connect(args.run_dir)
-        targets = ray.get(coordinator.scale.remote(counts))
     except RuntimeError as err:
         print(f"rtb-ray: {err}", file=sys.stderr)
         return 1
-    except ray.exceptions.RayTaskError as err:
+    import ray
+
+    try:
+        targets = ray.get(coordinator.scale.remote(counts))
+    except ray.exceptions.RayTaskError as err:  # the coordinator refused the counts
         raise ConfigError(str(err.cause)) from None
     print("workers per role: " + ", ".join(f"{r}={n}" for r, n in targets.items()))
     return 0
@@ -349,6 +337,9 @@ def cmd_guidance(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
     from rtb_ray.learner import make_posterior
     from rtb_ray.metrics import sum_log_probs
     from rtb_ray.tasks import make_task

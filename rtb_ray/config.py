@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 ROLES = ("posterior", "prior", "backward")  # rollout worker roles of the Ray runtime
+MAX_WORKERS_PER_ROLE = 1024  # far above any cluster here; catches a mistyped count early
 
 
 class ConfigError(ValueError):
@@ -164,6 +165,22 @@ class ReplayConfig(Strict):
     )
 
 
+def check_worker_counts(counts: dict[str, int], *, total: bool = True) -> dict[str, int]:
+    """Rollout workers per role (``runtime.workers``, ``rtb-ray scale``): known roles, whole
+    numbers in 0..MAX_WORKERS_PER_ROLE, and (``total``) at least one worker in all, since a run
+    without workers stalls its learner. Raises ValueError naming the role."""
+    for role, n in counts.items():
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r} (roles: {', '.join(ROLES)})")
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_WORKERS_PER_ROLE:
+            raise ValueError(f"workers of {role!r} must be a whole number in "
+                             f"0..{MAX_WORKERS_PER_ROLE} (got {n!r})")
+    if total and sum(counts.values()) < 1:
+        raise ValueError("at least one rollout worker is needed: with none the learner waits "
+                         "forever (stop the run with Ctrl-C instead)")
+    return counts
+
+
 class RuntimeConfig(Strict):
     """The Ray runtime: rollout workers per role, the learner, weight publishing, the store."""
 
@@ -190,14 +207,7 @@ class RuntimeConfig(Strict):
     @field_validator("workers")
     @classmethod
     def _check_workers(cls, v: dict[str, int]) -> dict[str, int]:
-        for role, n in v.items():
-            if role not in ROLES:
-                raise ValueError(f"unknown role {role!r} (roles: {list(ROLES)})")
-            if n < 0:
-                raise ValueError(f"workers of {role!r} must be >= 0")
-        if sum(v.values()) < 1:
-            raise ValueError("at least one rollout worker is needed")
-        return v
+        return check_worker_counts(v)
 
     @model_validator(mode="after")
     def _staleness_reachable(self) -> "RuntimeConfig":

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import math
-import os
-
-# Ray's token authentication, also for this process when it joins a run's cluster, and Ray's
-# single-node mode: the runs the tests start bind 127.0.0.1, and so do the test clusters. Ray
-# reads both on import, before any test module imports it (actors/__init__.py,
-# rtb_ray/cli.py single_node_ray).
-os.environ.setdefault("RAY_AUTH_MODE", "token")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 from pathlib import Path
+
+# Ray's token authentication and single-node mode for this process, which starts local Rays
+# and joins the runs the tests start; Ray reads both on import, before any test imports it.
+# The CLI under test sets them itself: its subprocesses get a user's environment (test_cli.py).
+from actors.session import prepare_ray
+
+SET_FOR_THE_SUITE = prepare_ray(None)
 
 import pytest
 import torch

@@ -25,10 +25,18 @@ TINY = [
 ]
 
 
+def user_env(cache: Path | str) -> dict[str, str]:
+    """A user's environment for the CLI under test: without the Ray settings this test process
+    made for itself (conftest.py), with its own prior cache."""
+    from conftest import SET_FOR_THE_SUITE
+
+    env = {k: v for k, v in os.environ.items() if k not in SET_FOR_THE_SUITE}
+    return {**env, "RTB_RAY_CACHE": str(cache)}
+
+
 def rtb_ray(*args: str, cache: Path, check: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RTB_RAY_CACHE": str(cache)}
     proc = subprocess.run([sys.executable, "-m", "rtb_ray.cli", *args], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=600)
+                          text=True, env=user_env(cache), cwd=ROOT, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(proc.stderr)
     return proc
@@ -88,7 +96,7 @@ def test_ctrl_c_checkpoints_and_resume_continues(tmp_path, cache):
     args = ["train", str(CONFIG), "--in-process", "--no-progress", "--output", str(run), *sets(long),
             "--set", "train.steps=100000", "--set", "checkpoint_every_steps=100000"]
     proc = subprocess.Popen([sys.executable, "-m", "rtb_ray.cli", *args], cwd=ROOT,
-                            env={**os.environ, "RTB_RAY_CACHE": str(cache)},
+                            env=user_env(cache),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=default_sigint)
     deadline = time.time() + 120
@@ -143,3 +151,36 @@ def test_train_resume_sample_end_to_end(tmp_path, cache):
     data = np.load(npz)
     assert data["x"].shape == (123, 2) and data["logw"].shape == (123,)
     assert np.isfinite(data["logw"]).all()
+
+
+@pytest.mark.parametrize("content,expected", [
+    ('{"run": "r", "namespace": "rtb-ray", "coordinator": "r/coordinator"}', "HOST:PORT"),
+    ('{"run": "r", "namespace": "rtb-ray", "coordinator": "c", "address": "auto"}', "HOST:PORT"),
+    ('{"run": "r", "namespace": "rtb-ray", "address": "127.0.0.1:1"}', "'coordinator'"),
+    ("[1, 2]", "HOST:PORT"),
+    ("{not json", "not JSON"),
+    (None, "has no runtime.json"),
+])
+@pytest.mark.parametrize("command", [["status"], ["scale", "--role", "posterior=2"]])
+def test_status_and_scale_refuse_a_bad_runtime_file(tmp_path, content, expected, command):
+    run = tmp_path / "run"
+    run.mkdir()
+    if content is not None:
+        (run / "runtime.json").write_text(content)
+    before = sorted(p.name for p in run.iterdir())
+    proc = rtb_ray(command[0], str(run), *command[1:], cache=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and expected in proc.stderr, proc.stderr
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_scale_refuses_bad_counts_before_joining(tmp_path):
+    """Nothing is joined (no runtime.json here): the counts are refused first."""
+    for args, expected in ((["--workers", "99999999999999999999"], "--workers must be in"),
+                           (["--workers", "0"], "--workers must be in"),
+                           (["--role", "posterior=x"], "expected ROLE=N"),
+                           (["--role", "critic=1"], "unknown role 'critic'"),
+                           (["--role", "prior=1", "--role", "posterior=5000"], "0..1024")):
+        proc = rtb_ray("scale", str(tmp_path), *args, cache=tmp_path)
+        assert proc.returncode == 2 and expected in proc.stderr, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1

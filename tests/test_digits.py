@@ -4,7 +4,6 @@ baseline, and the CI-sized even-digit run on the Ray runtime (digits_even_smoke.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from rtb_ray.config import ConfigError, load_config
+from test_cli import user_env
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "pipelines" / "configs" / "digits_even_smoke.yaml"
@@ -26,7 +26,7 @@ def rtb_ray(*args: str, env: dict, timeout: float = 300) -> subprocess.Completed
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> dict:
     """The smoke config's prior and classifiers, pretrained once for this module."""
-    env = {**os.environ, "RTB_RAY_CACHE": str(tmp_path_factory.mktemp("cache"))}
+    env = user_env(tmp_path_factory.mktemp("cache"))
     done = rtb_ray("pretrain", str(SMOKE), env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "reward_classifier_accuracy" in done.stdout

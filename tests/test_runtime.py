@@ -19,7 +19,7 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from test_cli import CONFIG, ROOT, TINY, default_sigint, rtb_ray, sets  # noqa: E402
+from test_cli import CONFIG, ROOT, TINY, default_sigint, rtb_ray, sets, user_env  # noqa: E402
 
 # A run that goes on until stopped: the tests act on it while it trains.
 RUNTIME = [o for o in TINY if not o.startswith(("train.steps", "checkpoint_every"))] + [
@@ -36,7 +36,7 @@ def start(run: Path, cache: Path, *extra: str, overrides: list[str] = RUNTIME
     args = ["train", str(CONFIG), "--no-progress", "--output", str(run), *extra,
             *sets(overrides)]
     return subprocess.Popen([sys.executable, "-m", "rtb_ray.cli", *args], cwd=ROOT,
-                            env={**os.environ, "RTB_RAY_CACHE": str(cache)},
+                            env=user_env(cache),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, preexec_fn=default_sigint)
 
@@ -55,6 +55,7 @@ def wait_for(what: str, check, proc: subprocess.Popen | None = None, timeout: fl
 
 
 def status(run: Path, cache: Path) -> dict:
+    """``rtb-ray status --json`` as a user runs it (no Ray variables of this test process)."""
     if not (run / "runtime.json").exists():  # the driver is still starting
         return {"workers": [], "totals": {"replaced": 0}}
     proc = rtb_ray("status", str(run), "--json", cache=cache)
@@ -110,13 +111,17 @@ def test_kill_and_scale_workers_while_training(tmp_path, cache):
         s = status(run, cache)
         assert {r: len(active(s, r)) for r in ("posterior", "prior", "backward")} == {
             "posterior": 1, "prior": 1, "backward": 1}
+        t0 = time.monotonic()
         assert "posterior" in rtb_ray("status", str(run), cache=cache).stdout
+        # ~2 s on two busy cores; a process that joins without token authentication instead
+        # retries for ~30 s and fails, so this loose bound tells the two apart
+        assert time.monotonic() - t0 < 15
 
         # kill the posterior worker: the coordinator replaces it and training goes on
         info = json.loads((run / "runtime.json").read_text())
         assert info["address"].startswith("127.0.0.1:")  # the local Ray binds loopback only
         victim = active(s, "posterior")[0]["name"]
-        from actors.driver import init_ray
+        from actors.session import init_ray
 
         init_ray(info["address"], info["namespace"])
         try:
@@ -130,19 +135,26 @@ def test_kill_and_scale_workers_while_training(tmp_path, cache):
         assert active(s, "posterior")[0]["name"] != victim
         wait_for("training after the kill", lambda: learner_step(run) > step + 25, proc)
 
-        # scale 1 → 3 → 1 posterior workers, without a restart
-        assert rtb_ray("scale", str(run), "--role", "posterior=3", cache=cache).returncode == 0
+        # scale 1 → 3 → 1 posterior workers, without a restart; repeated --role flags all apply
+        up = rtb_ray("scale", str(run), "--role", "posterior=3", "--role", "prior=0", cache=cache)
+        assert up.returncode == 0, up.stderr
         s = wait_for("3 posterior workers sampling", lambda: (lambda s: s if len(
             [w for w in active(s, "posterior") if w["calls"] > 0]) == 3 else None)(
             status(run, cache)), proc)
-        assert s["targets"]["posterior"] == 3
-        assert rtb_ray("scale", str(run), "--role", "posterior=1", cache=cache).returncode == 0
+        assert s["targets"] == {"posterior": 3, "prior": 0, "backward": 1}
+        assert rtb_ray("scale", str(run), "--role", "posterior=1", "--role", "prior=1",
+                       cache=cache).returncode == 0
         s = wait_for("back to 1 posterior worker", lambda: (lambda s: s if len(
             [w for w in s["workers"] if w["role"] == "posterior"]) == 1 else None)(
             status(run, cache)), proc)
-        assert s["totals"]["retired"] == 2
-        bad = rtb_ray("scale", str(run), "--role", "critic=2", cache=cache)
-        assert bad.returncode == 2 and "critic" in bad.stderr
+        assert s["totals"]["retired"] == 3  # two posterior workers and the prior one
+        for bad_role, message in (("critic=2", "critic"),
+                                  ("posterior=0,prior=0,backward=0", "at least one rollout"),
+                                  ("posterior=99999999999999999999", "0..1024")):
+            bad = rtb_ray("scale", str(run), "--role", bad_role, cache=cache)
+            assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+            assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+        assert status(run, cache)["targets"] == {"posterior": 1, "prior": 1, "backward": 1}
         step = learner_step(run)
         wait_for("training after scaling", lambda: learner_step(run) > step + 25, proc)
     finally:

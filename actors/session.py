@@ -1,0 +1,92 @@
+"""A run's Ray session: the settings Ray reads when it is imported, starting or joining Ray, and
+``<run>/runtime.json`` (the address and actor names that ``rtb-ray status`` / ``scale`` use).
+
+Imports Ray only inside functions, and nothing heavy (no torch), so that ``rtb-ray status``
+answers in about a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+NAMESPACE = "rtb-ray"
+RUNTIME_FILE = "runtime.json"
+
+
+def prepare_ray(address: str | None) -> dict[str, str]:
+    """Set what Ray reads on import; call before anything imports Ray. Returns what it set.
+
+    - Token authentication stays on. Ray turns it on for the local instances it starts, but a
+      process that joins one (``--address``, ``rtb-ray status/scale``) must ask for it. The
+      token is ~/.ray/auth_token (or RAY_AUTH_TOKEN); export RAY_AUTH_MODE=disabled to join a
+      cluster that runs without authentication.
+    - Without an address the local Ray serves this machine only: Ray's single-node switch makes
+      every Ray server bind 127.0.0.1. A process joining such an instance (a loopback address)
+      must run in the same mode, or it looks for its raylet on the machine's external address.
+    """
+    wanted = {"RAY_AUTH_MODE": "token"}
+    host = None if address is None else address.rpartition(":")[0]
+    if address is None or host in ("127.0.0.1", "localhost"):
+        wanted["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    missing = {k: v for k, v in wanted.items() if k not in os.environ}
+    if missing and "ray" in sys.modules:
+        raise RuntimeError(f"Ray was imported before prepare_ray could set {sorted(missing)}")
+    os.environ.update(missing)
+    return missing
+
+
+def init_ray(address: str | None, namespace: str = NAMESPACE) -> None:
+    """Start a local Ray (address None) or join one. No dashboard: nothing listens that a run
+    does not need."""
+    prepare_ray(address)
+    import ray
+
+    ray.init(address=address, namespace=namespace, include_dashboard=False,
+             log_to_driver=False, logging_level="ERROR")
+
+
+def read_runtime(output: Path) -> dict[str, Any]:
+    """``<run>/runtime.json``; ValueError naming the file when it is not one the driver wrote."""
+    path = Path(output) / RUNTIME_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{output} has no {RUNTIME_FILE}: not a run of the Ray runtime")
+    try:
+        info = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not JSON ({err})") from None
+    address = info.get("address") if isinstance(info, dict) else None
+    host, _, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+    if not host or not port.isdigit():
+        raise ValueError(f"{path}: 'address' must be the run's HOST:PORT (got {address!r})")
+    for key in ("run", "namespace", "coordinator"):
+        if not isinstance(info.get(key), str):
+            raise ValueError(f"{path}: {key!r} is missing")
+    return info
+
+
+def connect(output: Path) -> tuple[dict[str, Any], Any]:
+    """Join the Ray cluster of a live run; returns (runtime.json, its coordinator). Fails fast
+    (RuntimeError) when the run has ended or its cluster is unreachable."""
+    info = read_runtime(output)
+    if "ended" in info:
+        raise RuntimeError(f"run {info['run']} ended ({info['ended']}); its final status is in "
+                           f"{Path(output) / 'runtime_status.json'}")
+    host, _, port = info["address"].rpartition(":")
+    try:  # ray.init would retry an unreachable address for a minute
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError:
+        raise RuntimeError(f"run {info['run']} is not running (nothing answers at "
+                           f"{info['address']})") from None
+    init_ray(info["address"], info["namespace"])
+    import ray
+
+    try:
+        return info, ray.get_actor(info["coordinator"], namespace=info["namespace"])
+    except ValueError:
+        raise RuntimeError(f"run {info['run']} is not running (no coordinator on "
+                           f"{info['address']})") from None
