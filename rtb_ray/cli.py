@@ -134,7 +134,7 @@ def _config_for_target(target: str, overrides: list[str]) -> RunConfig:
     if not path.exists() and (DEFAULT_CONFIG_DIR / f"{target}.yaml").exists():
         path = DEFAULT_CONFIG_DIR / f"{target}.yaml"
     if path.exists():
-        return load_config(path, overrides + ["task.pretrain_if_missing=true"])
+        return load_config(path, overrides)
     if target.isidentifier() and (DEFAULT_CONFIG_DIR.parent / f"{target}.py").exists():
         # a task without a config of its name: its default settings
         return validate_config(apply_overrides({"task": {"name": target}}, overrides))

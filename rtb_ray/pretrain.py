@@ -16,15 +16,17 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from rtb_ray.transitions import TransitionFamily
 
 PRIOR_FORMAT = "rtb-ray-prior/1"
 
 
 def pretrain_prior(
-    family: Any,
+    family: TransitionFamily,
     net: nn.Module,
     sample_data: Callable[[int, torch.Generator], Tensor],
     steps: int,
@@ -126,23 +128,17 @@ class PriorCheckpointConfig(BaseModel):
         digest = hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode()).hexdigest()
         return cache_root() / getattr(self, "name") / f"prior-{digest[:12]}.pt"
 
-    @model_validator(mode="after")
-    def _prior_available(self) -> "PriorCheckpointConfig":
-        if not self.pretrain_if_missing and not self.prior_path().exists():
-            raise ValueError(
-                f"prior_checkpoint: {self.prior_path()} does not exist and pretrain_if_missing "
-                "is false (run `rtb-ray pretrain CONFIG` first)"
-            )
-        return self
-
 
 def load_or_pretrain(config: PriorCheckpointConfig, task: str,
                      pretrain: Callable[[], Any]) -> tuple[dict, dict]:
     """The prior's state dict and stats, pretraining first (``pretrain()``) if it is missing
-    and the config allows it."""
+    and the config allows it. (Checked here, when the prior is loaded, not when the config is
+    validated: validation does no I/O, and a Ray node may receive the file after it.)"""
     path = config.prior_path()
     if not path.exists():
         if not config.pretrain_if_missing:
-            raise FileNotFoundError(f"prior checkpoint {path} does not exist")
+            raise FileNotFoundError(
+                f"prior_checkpoint: {path} does not exist and pretrain_if_missing is false "
+                "(run `rtb-ray pretrain CONFIG` first)")
         pretrain()
     return load_prior(path, task, config.spec())
