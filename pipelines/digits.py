@@ -146,6 +146,10 @@ def accuracy(net: Classifier, images: Tensor, labels: Tensor) -> float:
 
 class DigitsTask:
     name = "digits"
+    progress_metrics = ("class_tv", "outside_share", "frechet_distance", "diversity")
+    # closeness to real images of the allowed classes: E[log r] alone would pick guidance
+    # scales that push samples off the image manifold, into images the classifier is sure of
+    baseline_metric = "frechet_distance"
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -163,6 +167,9 @@ class DigitsTask:
     def new_network(self) -> TimeMLP:
         return TimeMLP(dim=self.dim, num_steps=self.config.num_steps, hidden=self.config.hidden,
                        depth=self.config.depth)
+
+    def prior_path(self) -> Path:
+        return self.config.prior_path()
 
     def prior(self) -> TimeMLP:
         state, stats = load_or_pretrain(self.config, self.name, self.pretrain)

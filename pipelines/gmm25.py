@@ -99,6 +99,8 @@ class Config(PriorCheckpointConfig):
 
 class GMM25Task:
     name = "gmm25"
+    progress_metrics = ("tv_target", "tv_analytic", "modes_hit", "forbidden_mass")
+    baseline_metric = "tv_target"  # the mode weights of the target under this learned prior
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -114,6 +116,9 @@ class GMM25Task:
     def new_network(self) -> TimeMLP:
         return TimeMLP(dim=2, num_steps=self.config.num_steps, hidden=self.config.hidden,
                        depth=self.config.depth, out_dim=self.family.net_out_dim)
+
+    def prior_path(self) -> Path:
+        return self.config.prior_path()
 
     def prior(self) -> TimeMLP:
         state, self._stats = load_or_pretrain(self.config, self.name, self.pretrain)

@@ -2,12 +2,11 @@
 
 Classifier guidance with DPS's gradient (RTB.md, "Baselines"): sample the frozen prior with each
 reverse mean moved by ``λ · std_t · g / rms(g)``, g = ∇_{x_t} log r(x̂_0(x_t)), where x̂_0 is
-Tweedie's estimate of the clean image (λ = 1: one std per step along the reward's gradient). λ is searched over a grid; every scale's samples get the task's evaluation. The best scale is the
-one whose samples are closest to real images of the allowed classes (Fréchet distance): E[log r]
-alone would pick scales that push samples into adversarial, off-manifold images that the
-classifier scores as certain. The
-other baseline, KL-regularised policy gradient, is an objective of the trainer
-(``train.objective.kind=kl_rl``).
+Tweedie's estimate of the clean image (λ = 1: one std per step along the reward's gradient).
+λ is searched over a grid; every scale's samples get the task's evaluation, and the best scale
+is the one with the lowest ``task.baseline_metric`` (for digits the Fréchet distance to real
+images of the allowed classes). The other baseline, KL-regularised policy gradient, is an
+objective of the trainer (``train.objective.kind=kl_rl``).
 """
 
 from __future__ import annotations
@@ -20,20 +19,22 @@ import yaml
 from tqdm.auto import tqdm
 
 from rtb_ray.config import RunConfig, config_to_dict
-from rtb_ray.tasks import make_task
+from rtb_ray.tasks import Task
 from rtb_ray.trainer import write_json
 from rtb_ray.tracking import open_run_tracker
+from rtb_ray.transitions import GuidedFamily
 
 
-def guidance_sweep(cfg: RunConfig, output: Path, scales: list[float], n: int,
+def guidance_sweep(cfg: RunConfig, task: Task, output: Path, scales: list[float], n: int,
                    tracking_uri: str | None = None, chunk: int = 1000) -> dict:
-    """Evaluate guided prior samples at every scale; writes ``output/guidance_eval.json``
-    (every scale, and the best by Fréchet distance) and a sample grid per scale, also to MLflow."""
-    task = make_task(cfg.task)
-    prior = task.prior()
+    """Evaluate guided prior samples of ``task`` (made from ``cfg.task``) at every scale; writes
+    ``output/guidance_eval.json`` (every scale, and the best by ``task.baseline_metric``) and a
+    sample grid per scale, also to MLflow."""
     family = task.family
-    if not hasattr(family, "predict_x0"):
-        raise ValueError(f"guidance needs a DDPM task; {task.name!r} has no x̂_0 estimate")
+    if not isinstance(family, GuidedFamily):
+        raise ValueError(f"guidance needs a family with an x̂_0 estimate (a GuidedFamily, e.g. "
+                         f"a DDPM); task {task.name!r} has a {type(family).__name__}")
+    prior = task.prior()
     output = Path(output)
     if (output / "guidance_eval.json").exists():
         raise FileExistsError(f"{output} already holds a guidance sweep")
@@ -63,7 +64,8 @@ def guidance_sweep(cfg: RunConfig, output: Path, scales: list[float], n: int,
             if tracker is not None:
                 tracker.log_metrics({f"eval/{k}": v for k, v in row.items()}, step=i)
                 tracker.log_artifact(png, "eval")
-        result = {"scales": rows, "best": min(rows, key=lambda r: r["frechet_distance"])}
+        result = {"scales": rows, "best_by": task.baseline_metric,
+                  "best": min(rows, key=lambda r: r[task.baseline_metric])}
         write_json(output / "guidance_eval.json", result)
         if tracker is not None:
             tracker.log_artifact(output / "guidance_eval.json")

@@ -107,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "gradient) "
                                    "for every scale λ, evaluate each with the task's metrics, and "
                                    "write guidance_eval.json (all scales, and the best: the "
-                                   "lowest Fréchet distance to real images of the allowed "
-                                   "classes) and sample grids to --output and to MLflow.")
+                                   "lowest value of the task's baseline metric, for digits the "
+                                   "Fréchet distance to real images of the allowed classes) and "
+                                   "sample grids to --output and to MLflow.")
     p.add_argument("config", help="experiment YAML of a DDPM task, e.g. "
                                   "pipelines/configs/digits_even.yaml")
     p.add_argument("--output", type=Path, required=True, help="output directory")
@@ -299,7 +300,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     cfg = _config_for_target(args.target, args.overrides)
     task = make_task(cfg.task)
-    path = cfg.task.prior_path()
+    path = task.prior_path()
+    if path is None:
+        print(f"task {task.name!r} has no prior checkpoint: nothing to pretrain")
+        return 0
     if path.exists() and not args.force:
         print(f"prior already cached at {path} (use --force to retrain)")
         return 0
@@ -313,6 +317,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_guidance(args: argparse.Namespace) -> int:
     from rtb_ray.baselines import guidance_sweep
+    from rtb_ray.tasks import make_task
     from rtb_ray.tracking import normalize_tracking_uri
 
     try:
@@ -325,14 +330,13 @@ def cmd_guidance(args: argparse.Namespace) -> int:
         raise ConfigError("--n must be >= 2")
     cfg = load_config(args.config, args.overrides)
     uri = normalize_tracking_uri(args.tracking_uri) if args.tracking_uri else None
-    result = guidance_sweep(cfg, args.output, scales, args.n, tracking_uri=uri)
+    task = make_task(cfg.task)
+    result = guidance_sweep(cfg, task, args.output, scales, args.n, tracking_uri=uri)
     for row in result["scales"]:
         print(" ".join(f"{k}={row[k]:.4g}" for k in ("guidance_scale", "mean_log_reward",
-                                                      "class_tv", "outside_share",
-                                                      "frechet_distance", "diversity")
-                       if k in row))
-    print(f"best scale {result['best']['guidance_scale']:g}; results: "
-          f"{args.output / 'guidance_eval.json'}")
+                                                      *task.progress_metrics) if k in row))
+    print(f"best scale {result['best']['guidance_scale']:g} (lowest {task.baseline_metric}); "
+          f"results: {args.output / 'guidance_eval.json'}")
     return 0
 
 

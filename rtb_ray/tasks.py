@@ -1,12 +1,13 @@
 """The task contract. A task is one module ``pipelines/<name>.py`` exporting ``Config`` (its
 pydantic settings, with a ``name`` field) and ``make_task(config) -> Task``. Nothing else in the
-system knows about a task's prior, reward or evaluation."""
+system knows about a task's prior, reward or evaluation: code outside the task uses only the
+members of ``Task`` and ``TransitionFamily``."""
 
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 from torch import Tensor, nn
@@ -14,12 +15,28 @@ from torch import Tensor, nn
 from rtb_ray.transitions import TransitionFamily
 
 
+@runtime_checkable
 class Task(Protocol):
     name: str
     family: TransitionFamily
+    progress_metrics: tuple[str, ...]
+    """Keys of ``evaluate()`` that a progress or evaluation line prints."""
+    baseline_metric: str
+    """The key of ``evaluate()`` by which a baseline sweep picks its best setting (lowest)."""
 
     def prior(self) -> nn.Module:
-        """The frozen prior network (loaded from its checkpoint, pretrained when missing)."""
+        """The frozen prior network (loaded from ``prior_path()``, pretrained when missing and
+        the task's settings allow it; a one-line error otherwise)."""
+        ...
+
+    def prior_path(self) -> Path | None:
+        """The checkpoint file ``prior()`` loads, which the Ray runtime ships to nodes that lack
+        it; None when the prior is not a file. No I/O: callable before ``prior()``."""
+        ...
+
+    def pretrain(self, progress: bool = True) -> dict[str, Any]:
+        """Train the prior and save it to ``prior_path()``; returns its statistics (the floats
+        among them are printed by ``rtb-ray pretrain``)."""
         ...
 
     def log_reward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
@@ -44,6 +61,12 @@ class Task(Protocol):
         ...
 
 
+def _members(protocol: type) -> list[str]:
+    """What a protocol declares (for error messages that say what is missing)."""
+    return [*protocol.__annotations__,
+            *(k for k, v in vars(protocol).items() if callable(v) and not k.startswith("_"))]
+
+
 def _module(name: str) -> Any:
     if not name.isidentifier():
         raise ValueError(f"task name {name!r} is not a valid module name")
@@ -60,4 +83,13 @@ def task_config_model(name: str) -> type[BaseModel]:
 
 
 def make_task(config: BaseModel) -> Task:
-    return _module(config.name).make_task(config)  # type: ignore[attr-defined]
+    """The task of a validated task config, checked against the contract."""
+    name = getattr(config, "name")
+    task = _module(name).make_task(config)
+    if not isinstance(task, Task) or not isinstance(task.family, TransitionFamily):
+        missing = ([m for m in _members(Task) if not hasattr(task, m)]
+                   or [f"family.{m}" for m in _members(TransitionFamily)
+                       if not hasattr(task.family, m)])
+        raise ValueError(f"task {name!r}: make_task returned a {type(task).__name__}, which is "
+                         f"not a Task (missing: {', '.join(missing)})")
+    return task

@@ -3,21 +3,24 @@
 A family is the only place that knows the kernel. Everything above it (objectives, metrics,
 trainer, replay) sees two things: trajectories ``[B, T+1, *event]`` and per-step
 log-probabilities ``[B, T]``. A masked-categorical family for token sequences implements the
-same three methods (``sample``, ``step_log_probs``, ``backward_sample``).
+same protocol (``TransitionFamily``: every member the rest of the code calls).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Protocol
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 
+@runtime_checkable
 class TransitionFamily(Protocol):
     num_steps: int
     event_shape: tuple[int, ...]
+    net_out_dim: int
+    """Width of the network output the family reads (a task sizes its network by it)."""
 
     def sample(
         self,
@@ -51,6 +54,37 @@ class TransitionFamily(Protocol):
         """Noise terminal states ``x [n, *event]`` back to x_0 with the fixed noising process.
         Returns trajectories ``[n, T+1, *event]`` ending in ``x`` and the summed log-probability
         of each under that noising process."""
+        ...
+
+    def pretrain_loss(self, net: nn.Module, x: Tensor, generator: torch.Generator | None = None,
+                      first_steps: int | None = None) -> Tensor:
+        """A denoising loss on data ``x [n, *event]`` whose optimum makes the chain end in the
+        data distribution (prior pretraining; the mass-covering term). ``first_steps``: only
+        chain steps k < first_steps."""
+        ...
+
+
+@runtime_checkable
+class GuidedFamily(TransitionFamily, Protocol):
+    """A family whose sampler can be steered by a differentiable reward (classifier guidance,
+    the baseline of rtb_ray/baselines.py)."""
+
+    def predict_x0(self, x: Tensor, eps: Tensor, k: int) -> Tensor:
+        """The network's estimate of the final state from ``x`` at chain step ``k``."""
+        ...
+
+    def sample(
+        self,
+        net: nn.Module,
+        n: int,
+        *,
+        cond: Tensor | None = None,
+        explore: float = 0.0,
+        generator: torch.Generator | None = None,
+        guidance: Callable[[Tensor], Tensor] | None = None,
+        guidance_scale: float = 0.0,
+    ) -> tuple[Tensor, Tensor]:
+        """``sample``, with each step moved along ∇ guidance(x̂_0) by ``guidance_scale``."""
         ...
 
 
