@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Pretrain the prior of a task and store it where configs find "
                                    "it (task.prior_checkpoint, or the cache folder "
                                    "$RTB_RAY_CACHE, default ~/.cache/rtb-ray).")
-    p.add_argument("target", help="a task name (uses pipelines/configs/<name>.yaml) or a config")
+    p.add_argument("target", help="a config, or a task: a built-in name (uses "
+                                    "pipelines/configs/<name>.yaml), a module path or a .py file")
     p.add_argument("--force", action="store_true", help="retrain even if the checkpoint exists")
     _add_overrides(p)
 
@@ -131,15 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_for_target(target: str, overrides: list[str]) -> RunConfig:
+    """``rtb-ray pretrain TARGET``: a config file, a built-in task's shipped config, or any
+    task (a name, module or .py file: rtb_ray/tasks.py) with its default settings."""
     path = Path(target)
     if not path.exists() and (DEFAULT_CONFIG_DIR / f"{target}.yaml").exists():
         path = DEFAULT_CONFIG_DIR / f"{target}.yaml"
-    if path.exists():
+    if path.exists() and not target.endswith(".py"):
         return load_config(path, overrides)
-    if target.isidentifier() and (DEFAULT_CONFIG_DIR.parent / f"{target}.py").exists():
-        # a task without a config of its name: its default settings
-        return validate_config(apply_overrides({"task": {"name": target}}, overrides))
-    raise ConfigError(f"{target}: neither a config file nor a task name")
+    from rtb_ray.tasks import task_module
+
+    try:
+        task_module(target)
+    except ConfigError as err:
+        raise ConfigError(f"{target}: neither a config file nor a task ({err})") from None
+    return validate_config(apply_overrides({"task": {"name": target}}, overrides))
 
 
 def tracking_overrides(args: argparse.Namespace) -> list[str]:

@@ -1,7 +1,8 @@
 """Typed, validated run configuration, loaded from YAML with ``key.path=value`` overrides.
 
 Every section forbids unknown keys, so a typo is an error that names the key, not a silently
-ignored setting. The ``task`` section is validated by the task's own model (``pipelines/<name>``).
+ignored setting. The ``task`` section is validated by the task's own model (rtb_ray/tasks.py:
+``task.name`` names a built-in task, a module or a file).
 """
 
 from __future__ import annotations
@@ -234,11 +235,13 @@ class RunConfig(Strict):
     @field_validator("task", mode="before")
     @classmethod
     def _task(cls, v: Any) -> Any:
-        from rtb_ray.tasks import task_config_model
+        from rtb_ray.tasks import resolve_task_name, task_config_model
 
         if not isinstance(v, dict) or "name" not in v:
-            raise ValueError("must be a mapping with a 'name' (e.g. name: gmm25)")
-        return task_config_model(v["name"]).model_validate(v)
+            raise ValueError("must be a mapping with a 'name' (e.g. name: gmm25, "
+                             "name: my_tasks.ring or name: ./ring.py)")
+        name = resolve_task_name(v["name"])  # a task file by its absolute path, for every node
+        return task_config_model(name).model_validate({**v, "name": name})
 
     def digest(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]

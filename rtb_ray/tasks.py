@@ -1,18 +1,37 @@
-"""The task contract. A task is one module ``pipelines/<name>.py`` exporting ``Config`` (its
-pydantic settings, with a ``name`` field) and ``make_task(config) -> Task``. Nothing else in the
-system knows about a task's prior, reward or evaluation: code outside the task uses only the
-members of ``Task`` and ``TransitionFamily``."""
+"""The task contract, and where a task comes from.
+
+A task is one Python module exporting ``Config`` (a pydantic model of its settings, with a
+``name: str`` field) and ``make_task(config) -> Task``. ``task.name`` in a run config names it:
+
+- a built-in task, a bare identifier: ``gmm25`` is the module ``pipelines.gmm25``;
+- an importable module, a dotted path: ``my_tasks.ring`` (on ``PYTHONPATH`` or installed);
+- a file, a path ending in ``.py``: ``./ring.py`` (resolved against the current directory when
+  the config is loaded; the validated config holds the absolute path).
+
+Nothing else in the system knows about a task's prior, reward or evaluation: code outside the
+task uses only the members of ``Task`` and ``TransitionFamily`` (docs/examples/ring_task.py
+is a complete one-file task).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
+import re
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 from torch import Tensor, nn
 
+from rtb_ray.config import ConfigError
 from rtb_ray.transitions import TransitionFamily
+
+# this project's packages: on every node already, never shipped with a job
+OWN_PACKAGES = ("pipelines", "rtb_ray", "actors")
 
 
 @runtime_checkable
@@ -67,29 +86,100 @@ def _members(protocol: type) -> list[str]:
             *(k for k, v in vars(protocol).items() if callable(v) and not k.startswith("_"))]
 
 
-def _module(name: str) -> Any:
-    if not name.isidentifier():
-        raise ValueError(f"task name {name!r} is not a valid module name")
+def _first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+
+
+def resolve_task_name(name: Any) -> str:
+    """``task.name`` as the validated config keeps it: a ``.py`` path made absolute."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"task name must be a non-empty string (got {name!r})")
+    return str(Path(name).expanduser().resolve()) if name.endswith(".py") else name
+
+
+def _module_name(path: Path) -> str:
+    """A stable module name for a task file, one per path: its classes pickle in this process."""
+    stem = re.sub(r"\W", "_", path.stem)
+    return f"rtb_ray_task_{stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+
+
+def _load_file(name: str) -> ModuleType:
+    path = Path(resolve_task_name(name))
+    module = _module_name(path)
+    if module in sys.modules:
+        return sys.modules[module]
+    if not path.is_file():
+        # On a Ray node without this path: the copy that the job's runtime env shipped
+        # (task_runtime_env), importable there under the file's own name.
+        spec = importlib.util.find_spec(path.stem) if path.stem.isidentifier() else None
+        if spec is None or spec.origin is None or Path(spec.origin).name != path.name:
+            raise ConfigError(f"task {name!r}: the file {path} does not exist")
+        path = Path(spec.origin)
+    spec = importlib.util.spec_from_file_location(module, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[module] = mod
     try:
-        return importlib.import_module(f"pipelines.{name}")
+        spec.loader.exec_module(mod)
+    except Exception as err:
+        del sys.modules[module]
+        raise ConfigError(f"task {name!r}: loading {path} failed: {_first_line(err)}") from None
+    return mod
+
+
+def task_module(name: Any) -> ModuleType:
+    """The module that ``task.name`` names (see the module docstring); ConfigError in one line
+    naming what was tried and why it failed."""
+    name = resolve_task_name(name)
+    if name.endswith(".py"):
+        return _load_file(name)
+    module = f"pipelines.{name}" if name.isidentifier() else name
+    if not all(part.isidentifier() for part in module.split(".")):
+        raise ConfigError(f"task {name!r} is neither a task name (gmm25), a module path "
+                          f"(my_tasks.ring) nor a .py file")
+    try:
+        return importlib.import_module(module)
     except ModuleNotFoundError as err:
-        if err.name == f"pipelines.{name}":
-            raise ValueError(f"unknown task {name!r}: no module pipelines/{name}.py") from None
-        raise
+        if err.name is not None and (module + ".").startswith(err.name + "."):
+            missing = f"pipelines/{name}.py" if module != name else f"{err.name} on sys.path"
+            raise ConfigError(f"unknown task {name!r}: no module {missing}") from None
+        raise ConfigError(f"task {name!r}: importing {module} failed: {_first_line(err)}") from None
+    except Exception as err:
+        raise ConfigError(f"task {name!r}: importing {module} failed: {_first_line(err)}") from None
 
 
-def task_config_model(name: str) -> type[BaseModel]:
-    return _module(name).Config
+def task_config_model(name: Any) -> type[BaseModel]:
+    """The task's ``Config``, checked to be a pydantic model with a ``name`` field."""
+    mod = task_module(name)
+    config, make = getattr(mod, "Config", None), getattr(mod, "make_task", None)
+    where = f"task {name!r} ({mod.__file__})"
+    if not (isinstance(config, type) and issubclass(config, BaseModel)) or not callable(make):
+        raise ConfigError(f"{where} must define Config (a pydantic model) and make_task(config)")
+    if "name" not in config.model_fields:
+        raise ConfigError(f"{where}: Config has no 'name' field")
+    return config
 
 
 def make_task(config: BaseModel) -> Task:
     """The task of a validated task config, checked against the contract."""
     name = getattr(config, "name")
-    task = _module(name).make_task(config)
+    task = task_module(name).make_task(config)
     if not isinstance(task, Task) or not isinstance(task.family, TransitionFamily):
         missing = ([m for m in _members(Task) if not hasattr(task, m)]
                    or [f"family.{m}" for m in _members(TransitionFamily)
                        if not hasattr(task.family, m)])
-        raise ValueError(f"task {name!r}: make_task returned a {type(task).__name__}, which is "
-                         f"not a Task (missing: {', '.join(missing)})")
+        raise ConfigError(f"task {name!r}: make_task returned a {type(task).__name__}, which is "
+                          f"not a Task (missing: {', '.join(missing)})")
     return task
+
+
+def task_runtime_env(name: str) -> dict[str, Any]:
+    """The Ray runtime env that makes task ``name`` (as validated) importable on every node:
+    its file or top-level package as ``py_modules``; nothing for this project's own tasks."""
+    if name.endswith(".py"):
+        return {"py_modules": [resolve_task_name(name)]}
+    top = task_module(name).__name__.partition(".")[0]
+    if top in OWN_PACKAGES:
+        return {}
+    # a package's folder(s): a namespace package may have several, and Ray ships each
+    return {"py_modules": list(sys.modules[top].__path__)}
