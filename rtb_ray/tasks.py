@@ -20,6 +20,7 @@ import importlib
 import importlib.util
 import re
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol, runtime_checkable
@@ -28,6 +29,7 @@ from pydantic import BaseModel
 from torch import Tensor, nn
 
 from rtb_ray.config import ConfigError
+from rtb_ray.pretrain import atomic_write_bytes
 from rtb_ray.transitions import TransitionFamily
 
 # this project's packages: on every node already, never shipped with a job
@@ -98,7 +100,8 @@ def resolve_task_name(name: Any) -> str:
 
 
 def _module_name(path: Path) -> str:
-    """A stable module name for a task file, one per path: its classes pickle in this process."""
+    """A module name for a task file, one per path, the same in every process: its classes
+    pickle, and Ray workers import the file under it (task_runtime_env)."""
     stem = re.sub(r"\W", "_", path.stem)
     return f"rtb_ray_task_{stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
 
@@ -109,12 +112,10 @@ def _load_file(name: str) -> ModuleType:
     if module in sys.modules:
         return sys.modules[module]
     if not path.is_file():
-        # On a Ray node without this path: the copy that the job's runtime env shipped
-        # (task_runtime_env), importable there under the file's own name.
-        spec = importlib.util.find_spec(path.stem) if path.stem.isidentifier() else None
-        if spec is None or spec.origin is None or Path(spec.origin).name != path.name:
-            raise ConfigError(f"task {name!r}: the file {path} does not exist")
-        path = Path(spec.origin)
+        try:  # on a Ray node without this path: the copy the job shipped (task_runtime_env)
+            return importlib.import_module(module)
+        except ModuleNotFoundError:
+            raise ConfigError(f"task {name!r}: the file {path} does not exist") from None
     spec = importlib.util.spec_from_file_location(module, path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
@@ -175,9 +176,15 @@ def make_task(config: BaseModel) -> Task:
 
 def task_runtime_env(name: str) -> dict[str, Any]:
     """The Ray runtime env that makes task ``name`` (as validated) importable on every node:
-    its file or top-level package as ``py_modules``; nothing for this project's own tasks."""
+    its top-level package, or a copy of its file, as ``py_modules``; nothing for this
+    project's own tasks."""
     if name.endswith(".py"):
-        return {"py_modules": [resolve_task_name(name)]}
+        # the copy is named as the file's module is here: workers import the file under that
+        # name, on any node, and unpickle its Config instances (a RunConfig sent to an actor)
+        path = Path(resolve_task_name(name))
+        copy = Path(tempfile.gettempdir()) / "rtb-ray-tasks" / f"{_module_name(path)}.py"
+        atomic_write_bytes(copy, path.read_bytes())
+        return {"py_modules": [str(copy)]}
     top = task_module(name).__name__.partition(".")[0]
     if top in OWN_PACKAGES:
         return {}

@@ -11,11 +11,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from rtb_ray.config import ConfigError, load_config, validate_config
+from rtb_ray.config import ConfigError, RunConfig, config_to_dict, load_config, validate_config
 from rtb_ray.tasks import Task, make_task, task_runtime_env
 from rtb_ray.transitions import GuidedFamily, TransitionFamily
 from test_cli import CONFIG, ROOT, user_env
@@ -73,9 +74,12 @@ def test_a_task_outside_the_package_by_file(outside, monkeypatch):
     monkeypatch.chdir(outside)
     cfg = validate_config({"task": {"name": "./ring_task.py"}})
     assert cfg.task.name == str(outside / "ring_task.py")  # absolute: what config.yaml keeps
-    check_ring(make_task(cfg.task))
+    task = make_task(cfg.task)
+    check_ring(task)
     assert pickle.loads(pickle.dumps(cfg)) == cfg  # its Config class has an importable name
-    assert task_runtime_env(cfg.task.name) == {"py_modules": [cfg.task.name]}
+    # Ray nodes get a copy named as the module is here: they import it under that name
+    [copy] = task_runtime_env(cfg.task.name)["py_modules"]
+    assert Path(copy).stem == type(task).__module__ and Path(copy).read_text() == RING.read_text()
     check_ring(make_task(validate_config({"task": {"name": str(RING)}}).task))  # the docs copy
 
 
@@ -89,19 +93,20 @@ def test_an_outside_task_ships_to_a_second_ray_node(outside, monkeypatch):
 
     monkeypatch.syspath_prepend(str(outside))
     names = ["rtb_ring_tasks.ring", str(outside / "ring_task.py")]
-    validate_config({"task": {"name": names[1]}})  # the driver loads it before it is gone
+    # validated here, before the file is gone; sent as objects (pickled) and as plain settings
+    configs = [validate_config({"task": {"name": name, "radius": 2.5}}) for name in names]
     env = {"py_modules": [m for n in names for m in task_runtime_env(n)["py_modules"]]}
 
-    def load(name: str) -> tuple[str, str, tuple]:
+    def load(cfg: Any) -> tuple[str, str, float, tuple]:
         import ray as ray_
 
         from rtb_ray.config import validate_config as validate
         from rtb_ray.tasks import make_task as make
 
-        task = make(validate({"task": {"name": name}}).task)
+        task = make((cfg if isinstance(cfg, RunConfig) else validate(cfg)).task)
         states, _ = task.family.sample(task.prior(), 4)
         return (ray_.get_runtime_context().get_node_id(), sys.modules[type(task).__module__]
-                .__file__, tuple(states.shape))
+                .__file__, task.config.radius, tuple(states.shape))
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     second = cluster.add_node(num_cpus=1, resources={"second_node": 1})
@@ -110,8 +115,10 @@ def test_an_outside_task_ships_to_a_second_ray_node(outside, monkeypatch):
         init_ray(cluster.address, runtime_env=env)
         (outside / "ring_task.py").unlink()
         remote = ray.remote(num_cpus=1, resources={"second_node": 1})(load)
-        for name, (node, file, shape) in zip(names, ray.get([remote.remote(n) for n in names])):
-            assert node == second.node_id and shape == (4, 51, 2), name
+        sent = configs + [config_to_dict(cfg) for cfg in configs]
+        results = ray.get([remote.remote(cfg) for cfg in sent])
+        for cfg, (node, file, radius, shape) in zip(sent, results):
+            assert node == second.node_id and radius == 2.5 and shape == (4, 51, 2), cfg
             assert not file.startswith(str(outside)), file  # the shipped copy
     finally:
         ray.shutdown()
