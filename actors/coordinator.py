@@ -17,7 +17,8 @@ from typing import Any
 
 import ray
 
-from rtb_ray.config import ROLES, check_worker_counts, validate_config
+from rtb_ray.config import RunConfig, check_worker_counts
+from rtb_ray.roles import ROLE_NAMES
 
 THROUGHPUT_WINDOW_S = 20.0
 MAX_FAILED_STARTS = 5  # a role whose new workers keep dying is not restarted forever
@@ -39,19 +40,17 @@ class WorkerRecord:
 
 @ray.remote(num_cpus=0, max_concurrency=8)
 class Coordinator:
-    def __init__(self, config: dict[str, Any], run: str, namespace: str, store: Any,
-                 weights: Any, seed: int, prior_file: list[ray.ObjectRef]) -> None:
-        self.config, self.cfg = config, validate_config(config)
-        self.run, self.namespace = run, namespace
+    def __init__(self, cfg: RunConfig, run: str, namespace: str, store: Any, weights: Any,
+                 prior_file: list[ray.ObjectRef]) -> None:
+        self.cfg, self.run, self.namespace = cfg, run, namespace
         self.store, self.weights, self.prior_file = store, weights, prior_file
-        self.seed = seed
-        self.targets = {role: self.cfg.runtime.workers.get(role, 0) for role in ROLES}
+        self.targets = {role: cfg.runtime.workers.get(role, 0) for role in ROLE_NAMES}
         self.workers: dict[str, WorkerRecord] = {}
-        self.next_index = dict.fromkeys(ROLES, 0)
-        self.failed_starts = dict.fromkeys(ROLES, 0)
+        self.next_index = dict.fromkeys(ROLE_NAMES, 0)
+        self.failed_starts = dict.fromkeys(ROLE_NAMES, 0)
         self.totals = {"inserted": 0, "quarantined": 0, "throttled": 0, "stale": 0, "errors": 0,
                        "replaced": 0, "retired": 0, "calls": 0}
-        self.by_role = {role: 0 for role in ROLES}
+        self.by_role = {role: 0 for role in ROLE_NAMES}
         self.by_node: dict[str, int] = {}
         self.recent: deque[tuple[float, str, int]] = deque()  # (time, role, inserted)
         self.last_error = ""
@@ -74,13 +73,13 @@ class Coordinator:
         handle = RolloutWorker.options(
             name=name, namespace=self.namespace, num_cpus=self.cfg.runtime.worker_num_cpus,
             scheduling_strategy="SPREAD", max_restarts=0,
-        ).remote(self.config, role, name, self.store, self.weights,
-                 seed=self.seed + 1000 * ROLES.index(role) + index, prior_file=self.prior_file)
+        ).remote(self.cfg, role, name, self.store, self.weights,
+                 seed=self.cfg.seeds.worker(role, index), prior_file=self.prior_file)
         self.workers[name] = WorkerRecord(name, role, handle)
 
     def _reconcile(self) -> None:
         """Start or retire workers until each role has its target count."""
-        for role in ROLES:
+        for role in ROLE_NAMES:
             active = [w for w in self.workers.values() if w.role == role and not w.retiring]
             if self.failed_starts[role] >= MAX_FAILED_STARTS:
                 continue
@@ -91,10 +90,10 @@ class Coordinator:
 
     def _submit(self) -> dict[Any, WorkerRecord]:
         owners = {}
-        n, timeout = self.cfg.runtime.rollout_batch_size, 60.0
+        n = self.cfg.runtime.rollout_batch_size
         for w in self.workers.values():
             while not w.retiring and len(w.in_flight) < self.cfg.runtime.max_in_flight:
-                w.in_flight.append(w.handle.step.remote(n, timeout))
+                w.in_flight.append(w.handle.step.remote(n))
             for ref in w.in_flight:
                 owners[ref] = w
         return owners
@@ -196,7 +195,7 @@ class Coordinator:
     def _throughput(self) -> dict[str, float]:
         now = time.time()
         span = min(THROUGHPUT_WINDOW_S, max(now - self.started, 1e-3))
-        out = {f"trajectories_per_s_{role}": 0.0 for role in ROLES}
+        out = {f"trajectories_per_s_{role}": 0.0 for role in ROLE_NAMES}
         for _, role, n in self.recent:
             out[f"trajectories_per_s_{role}"] += n / span
         out["trajectories_per_s"] = sum(out.values())
@@ -207,7 +206,7 @@ class Coordinator:
         with self.lock:
             active = [w for w in self.workers.values() if not w.retiring]
             out = {f"workers_{role}": float(sum(w.role == role for w in active))
-                   for role in ROLES}
+                   for role in ROLE_NAMES}
             out.update(self._throughput())
             out["workers_replaced"] = float(self.totals["replaced"])
             out["inserted"] = float(self.totals["inserted"])

@@ -31,10 +31,13 @@ from actors.learner import LearnerActor
 from actors.replay import ReplayStoreActor
 from actors.session import NAMESPACE, RUNTIME_FILE, init_ray, read_runtime
 from actors.weights import WeightStore
-from rtb_ray.config import ROLES, RunConfig, config_to_dict
+from rtb_ray.config import RunConfig
+from rtb_ray.evaluation import format_eval
 from rtb_ray.learner import make_posterior
-from rtb_ray.tasks import make_task
-from rtb_ray.trainer import check_config_for_task, format_eval, load_run_checkpoint, write_json
+from rtb_ray.loop import check_config_for_task
+from rtb_ray.roles import ROLE_NAMES
+from rtb_ray.run_dir import load_run_checkpoint, write_json
+from rtb_ray.tasks import Task, make_task, task_runtime_env
 
 
 def run_id(output: Path) -> str:
@@ -43,17 +46,17 @@ def run_id(output: Path) -> str:
     return f"{output.name}-{digest}"
 
 
-def _prior_file(cfg: RunConfig, resume_from: Path | None) -> bytes | None:
-    """The prior checkpoint, pretrained here if missing, to ship to nodes that lack it; a run
-    checkpoint to resume, and the config, are checked against the task and network first (a
-    clear error here, before any actor starts)."""
+def _check_and_prior_file(cfg: RunConfig, resume_from: Path | None) -> tuple[Task, bytes | None]:
+    """The task, and its prior checkpoint (pretrained here if missing) to ship to nodes that
+    lack it; a run checkpoint to resume, and the config, are checked against the task and
+    network first (a clear error here, before any actor starts)."""
     task = make_task(cfg.task)
     check_config_for_task(cfg, task)
     prior = task.prior()
     if resume_from is not None:
         load_run_checkpoint(resume_from, task.name, make_posterior(prior, cfg.train.adapter))
-    path = cfg.task.prior_path() if hasattr(cfg.task, "prior_path") else None
-    return path.read_bytes() if path is not None and path.exists() else None
+    path = task.prior_path()
+    return task, path.read_bytes() if path is not None and path.exists() else None
 
 
 def _progress_postfix(status: dict[str, Any], metrics: dict[str, float]) -> dict[str, str]:
@@ -64,7 +67,7 @@ def _progress_postfix(status: dict[str, Any], metrics: dict[str, float]) -> dict
     if "elbo" in ev:
         out["elbo"] = f"{ev['elbo']:.3f}"
     out["traj/s"] = f"{metrics.get('trajectories_per_s', 0):.0f}"
-    out["workers"] = "/".join(str(int(metrics.get(f"workers_{r}", 0))) for r in ROLES)
+    out["workers"] = "/".join(str(int(metrics.get(f"workers_{r}", 0))) for r in ROLE_NAMES)
     if "staleness_p50" in train:
         out["stale p50/p90"] = f"{train['staleness_p50']:.0f}/{train['staleness_p90']:.0f}"
     return out
@@ -79,10 +82,10 @@ def train_on_ray(cfg: RunConfig, output: Path, *, address: str | None = None,
         raise FileNotFoundError(f"nothing to resume: {output / 'checkpoint.pt'} does not exist")
     if not resume and (output / "checkpoint.pt").exists():
         raise FileExistsError(f"{output} already holds a run; pass --resume {output} to continue it")
-    prior_file = _prior_file(cfg, output / "checkpoint.pt" if resume else None)
+    task, prior_file = _check_and_prior_file(cfg, output / "checkpoint.pt" if resume else None)
     output.mkdir(parents=True, exist_ok=True)
 
-    init_ray(address)
+    init_ray(address, runtime_env=task_runtime_env(cfg.task.name))  # ships a user task
     # SIGTERM (e.g. `ray job stop`, a batch system) stops the run like Ctrl-C does; after
     # ray.init, whose failure-signal handler would otherwise kill the driver without a checkpoint
     signal.signal(signal.SIGTERM, _interrupt)
@@ -109,7 +112,7 @@ def train_on_ray(cfg: RunConfig, output: Path, *, address: str | None = None,
             verb = "continues" if tracking["resumed"] == "True" else "is"
             print(f"MLflow: this run {verb} run {tracking['run_id']} (experiment "
                   f"{tracking['experiment']!r}); open it with\n  {tracking['ui_hint']}")
-        code = _watch(learner, coordinator, cfg, output, progress)
+        code = _watch(learner, coordinator, cfg, output, progress, task.progress_metrics)
         final_status = ray.get(coordinator.stop.remote())
         ray.get(store.close.remote())  # seals the rows not yet on disk
         final_status["replay"] = ray.get(store.stats.remote())
@@ -125,22 +128,17 @@ def _start_actors(cfg: RunConfig, output: Path, run: str, names: dict[str, str],
                   tracking_uri: str | None, prior_file: bytes | None) -> tuple[Any, Any, Any]:
     """The store, weight store and coordinator on this (the driver's) node; the learner too
     unless it wants a GPU. Returns (learner, coordinator, store)."""
-    rt, config = cfg.runtime, config_to_dict(cfg)
+    rt = cfg.runtime
     head = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     store = ReplayStoreActor.options(name=names["store"], scheduling_strategy=head).remote(
-        str(output / "replay") if rt.replay.persist else None,
-        capacity_trajectories=rt.replay.capacity, segment_rows=rt.replay.segment_rows,
-        run=run, seed=cfg.seed, samples_per_insert=rt.replay.samples_per_insert,
-        error_buffer=rt.replay.error_buffer or max(rt.replay.min_size_to_sample,
-                                                   2 * cfg.train.batch_size),
-        min_size_to_sample=rt.replay.min_size_to_sample)
+        cfg, str(output / "replay") if cfg.replay.persist else None, run)
     weights = WeightStore.options(name=names["weights"], scheduling_strategy=head).remote()
     coordinator = Coordinator.options(name=names["coordinator"], scheduling_strategy=head).remote(
-        config, run, NAMESPACE, store, weights, cfg.seed, [ray.put(prior_file)])
+        cfg, run, NAMESPACE, store, weights, [ray.put(prior_file)])
     learner = LearnerActor.options(
         name=names["learner"], num_cpus=rt.learner_num_cpus, num_gpus=rt.learner_num_gpus,
         scheduling_strategy=head if rt.learner_num_gpus == 0 else "DEFAULT",
-    ).remote(config, str(output.resolve()), store, weights, coordinator, resume, tracking_uri)
+    ).remote(cfg, str(output.resolve()), store, weights, coordinator, resume, tracking_uri)
     return learner, coordinator, store
 
 
@@ -148,7 +146,8 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _watch(learner: Any, coordinator: Any, cfg: RunConfig, output: Path, progress: bool) -> int:
+def _watch(learner: Any, coordinator: Any, cfg: RunConfig, output: Path, progress: bool,
+           eval_keys: tuple[str, ...]) -> int:
     """Wait for the learner, showing progress; Ctrl-C (or SIGTERM, e.g. from a job manager)
     asks it to checkpoint and stop."""
     done = learner.train.remote()
@@ -163,7 +162,7 @@ def _watch(learner: Any, coordinator: Any, cfg: RunConfig, output: Path, progres
             ev = status["eval"]
             if ev and ev.get("step") != last_eval_step:
                 last_eval_step = ev.get("step")
-                bar.write(format_eval(ev))
+                bar.write(format_eval(ev, eval_keys))
             if ready:
                 break
     except KeyboardInterrupt:
@@ -180,6 +179,6 @@ def _watch(learner: Any, coordinator: Any, cfg: RunConfig, output: Path, progres
     except ray.exceptions.RayError as err:
         print(f"rtb-ray: error: the learner failed: {err}", file=sys.stderr)
         return 1
-    print(format_eval(result))
+    print(format_eval(result, eval_keys))
     print(f"final metrics: {output / 'final_eval.json'}")
     return 0

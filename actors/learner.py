@@ -1,111 +1,124 @@
-"""The learner actor: hosts ``rtb_ray.trainer.ReplayTrainer`` and connects it to the replay
-store (batches, prefetched one ahead), the weight store (published versions) and the
-coordinator (runtime stats for the train rows). ``train`` runs the whole loop; ``status`` and
-``stop`` are served meanwhile (``max_concurrency=2``). Uses CUDA when the actor was given GPUs
-(``runtime.learner_num_gpus``) and one is present, the CPU otherwise."""
+"""The learner actor: runs ``rtb_ray.loop.train`` with batches from the replay store actor.
+
+``StoreBatches`` connects the loop to the store (batches of ``training_mixture``, the next one
+requested before the step runs), the weight store (a version every
+``runtime.publish_every_steps`` steps; the learner's step at the others, for ``max_staleness``)
+and the coordinator (runtime figures for the train rows). ``train`` runs the whole loop;
+``status`` and ``stop`` are served meanwhile (``max_concurrency=2``). Uses CUDA when the actor
+was given GPUs (``runtime.learner_num_gpus``) and one is present, the CPU otherwise.
+"""
 
 from __future__ import annotations
 
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
 import torch
 
-from rtb_ray.config import validate_config
-from rtb_ray.replay import Mixture, Recency, SampleTimeout, Uniform
-from rtb_ray.trainer import ReplayTrainer
+from rtb_ray.config import RunConfig
+from rtb_ray.learner import Learner
+from rtb_ray.loop import Run, prepare, train
+from rtb_ray.metrics import staleness, staleness_quantiles
+from rtb_ray.replay import SampleTimeout
+from rtb_ray.roles import training_mixture
 from rtb_ray.trajectory import TrajectoryBatch
 
 
-def store_mixture(sources: dict[str, float], recency_half_life: int | None) -> Mixture:
-    """The training batch's source quotas (train.sources) as a replay sampler; posterior rows
-    sampled with exploration count as posterior rows."""
-    pools = {"posterior": "posterior|explore", "prior": "prior", "backward": "backward"}
-    inner = Uniform() if recency_half_life is None else Recency(recency_half_life)
-    return Mixture({pools[name]: share for name, share in sources.items() if share > 0}, inner)
+class StoreBatches:
+    """The Ray runtime's ``BatchSource`` (rtb_ray/batches.py)."""
 
-
-@ray.remote(num_cpus=1, max_concurrency=2)
-class LearnerActor:
-    def __init__(self, config: dict[str, Any], output: str, store: Any, weights: Any,
-                 coordinator: Any, resume: bool, tracking_uri: str | None,
-                 sample_timeout: float = 600.0) -> None:
-        cfg = validate_config(config)
-        gpus = ray.get_runtime_context().get_assigned_resources().get("GPU", 0)
-        cfg = cfg.model_copy(update={"device": "cuda" if gpus and torch.cuda.is_available()
-                                     else "cpu"})
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-        self.store, self.weights, self.coordinator = store, weights, coordinator
-        self.mixture = store_mixture(cfg.train.sources, cfg.runtime.replay.recency_half_life)
-        self.batch_size, self.sample_timeout = cfg.train.batch_size, sample_timeout
-        self.next_batch: ray.ObjectRef | None = None
+    def __init__(self, cfg: RunConfig, store: Any, weights: Any, coordinator: Any) -> None:
+        self.cfg, self.store, self.weights, self.coordinator = cfg, store, weights, coordinator
+        self.mixture = training_mixture(cfg)
+        self.next_ref: ray.ObjectRef | None = None
+        self.staleness: list[torch.Tensor] = []
         self.runtime: dict[str, float] = {}
         self.runtime_ref: ray.ObjectRef | None = None
         self.sample_wait_s = 0.0
-        self.trainer = ReplayTrainer(cfg, output, sample_batch=self._sample_batch,
-                                     publish=self._publish, runtime_stats=self._runtime_stats,
-                                     flush_store=lambda: ray.get(store.flush.remote(600)),
-                                     resume=resume, tracking_uri=tracking_uri,
-                                     ray_address=ray.get_runtime_context().gcs_address,
-                                     torch_threads=cfg.torch_threads or max(1, int(cpus)))
 
-    # -- the trainer's connections ---------------------------------------------------------------
-    def _sample_batch(self) -> TrajectoryBatch:
+    def _request(self) -> ray.ObjectRef:
+        return self.store.sample.remote(self.cfg.train.batch_size, self.mixture,
+                                        self.cfg.runtime.sample_timeout_s)
+
+    def next_batch(self, learner: Learner) -> TrajectoryBatch:
         """The next batch; the one after is requested before returning (overlaps the step)."""
-        def request() -> ray.ObjectRef:
-            return self.store.sample.remote(self.batch_size, self.mixture, self.sample_timeout)
-
-        ref = self.next_batch or request()
         t0 = time.perf_counter()
         try:
-            batch = ray.get(ref)
+            batch = ray.get(self.next_ref or self._request())
         except ray.exceptions.RayTaskError as err:
             if isinstance(err.cause, SampleTimeout):
                 raise RuntimeError(f"learner starved: {err.cause}") from None
             raise
         self.sample_wait_s += time.perf_counter() - t0
-        self.next_batch = request()
+        self.next_ref = self._request()
+        self.staleness.append(staleness(batch, learner.version))
         return batch
 
-    def _publish(self, version: int, state_dict: dict[str, torch.Tensor] | None) -> None:
-        if state_dict is None:  # just the step: what max_staleness is measured against
-            self.weights.set_learner_step.remote(version)
-        else:
-            self.weights.publish.remote(version, [ray.put(state_dict)])
+    def publish(self, learner: Learner) -> None:
+        state = {k: v.detach().cpu() for k, v in learner.posterior.state_dict().items()}
+        self.weights.publish.remote(learner.version, [ray.put(state)])
 
-    def _runtime_stats(self) -> dict[str, float]:
-        """The coordinator's latest numbers, without waiting: the request made at the previous
-        train row is read if it has come back."""
-        if self.runtime_ref is not None:
-            ready, _ = ray.wait([self.runtime_ref], timeout=0)
-            if ready:
-                self.runtime = ray.get(self.runtime_ref)
-                self.runtime_ref = None
+    def after_step(self, learner: Learner) -> None:
+        if learner.version % self.cfg.runtime.publish_every_steps == 0:
+            self.publish(learner)
+        else:  # the learner's progress: what max_staleness is measured against
+            self.weights.set_learner_step.remote(learner.version)
+
+    def row_extras(self) -> dict[str, float]:
+        """Staleness of the rows trained on since the last row, and the coordinator's latest
+        figures without waiting (the request made at the previous row, if it is back)."""
+        row = staleness_quantiles(torch.cat(self.staleness)) if self.staleness else {}
+        self.staleness.clear()
+        if self.runtime_ref is not None and ray.wait([self.runtime_ref], timeout=0)[0]:
+            self.runtime, self.runtime_ref = ray.get(self.runtime_ref), None
         if self.runtime_ref is None:
             self.runtime_ref = self.coordinator.metrics.remote()
-        return {**self.runtime, "learner_sample_wait_s": self.sample_wait_s}
+        return {**row, **self.runtime, "learner_sample_wait_s": self.sample_wait_s}
 
-    # -- calls from the driver ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        ray.get(self.store.flush.remote(self.cfg.runtime.sample_timeout_s))  # rows on disk first
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass  # the store reopens its sealed segments itself
+
+
+@ray.remote(num_cpus=1, max_concurrency=2)
+class LearnerActor:
+    def __init__(self, cfg: RunConfig, output: str, store: Any, weights: Any, coordinator: Any,
+                 resume: bool, tracking_uri: str | None) -> None:
+        context = ray.get_runtime_context()
+        resources = context.get_assigned_resources()
+        device = "cuda" if resources.get("GPU", 0) and torch.cuda.is_available() else "cpu"
+        self.run: Run = prepare(cfg, Path(output), resume=resume, device=device,
+                                torch_threads=max(1, int(resources.get("CPU", 1))))
+        self.batches = StoreBatches(cfg, store, weights, coordinator)
+        self.batches.publish(self.run.learner)  # version 0, or the checkpoint's on resume
+        self.run.run_dir.start(tracking_uri, ray_address=context.gcs_address)
+        self.stop_requested = threading.Event()
+
     def train(self) -> dict[str, Any]:
         """Run to train.steps (or until ``stop``); the final evaluation, or {"stopped": step}."""
         try:
-            final = self.trainer.train()
+            final = train(self.run, self.batches, progress=False, stop=self.stop_requested)
         except KeyboardInterrupt:
-            return {"stopped": True, "step": self.trainer.learner.step_count}
+            return {"stopped": True, "step": self.run.learner.step_count}
         return {"stopped": False, **final}
 
     def stop(self) -> None:
-        self.trainer.stop_requested.set()
+        self.stop_requested.set()
 
     def status(self) -> dict[str, Any]:
-        t = self.trainer
-        return {"step": t.learner.step_count, "steps": t.cfg.train.steps,
-                "device": str(t.device), "wall_s": t.clock.wall_s,
-                "train": dict(t.last_train), "eval": dict(t.last_eval)}
+        run = self.run
+        return {"step": run.learner.step_count, "steps": run.cfg.train.steps,
+                "device": str(run.learner.device), "wall_s": run.run_dir.clock.wall_s,
+                "train": dict(run.run_dir.last["train"]), "eval": dict(run.run_dir.last["eval"])}
 
     def tracking(self) -> dict[str, str] | None:
-        tr = self.trainer.tracker
+        tr = self.run.run_dir.tracker
         if tr is None:
             return None
         return {"run_id": tr.run_id, "experiment": tr.experiment_name, "ui_hint": tr.ui_hint(),

@@ -6,18 +6,18 @@ blocking the learner's samples; the store itself is thread-safe.
 
 from __future__ import annotations
 
-from typing import Any
-
 import ray
 
-from rtb_ray.replay import InsertResult, ReplayStore, Sampler
+from rtb_ray.batches import make_store
+from rtb_ray.config import RunConfig
+from rtb_ray.replay import InsertResult, Sampler
 from rtb_ray.trajectory import TrajectoryBatch
 
 
 @ray.remote(num_cpus=0, max_concurrency=16)
 class ReplayStoreActor:
-    def __init__(self, directory: str | None, **store_kwargs: Any) -> None:
-        self.store = ReplayStore(directory, **store_kwargs)
+    def __init__(self, cfg: RunConfig, directory: str | None, run: str) -> None:
+        self.store = make_store(cfg, directory, run)
 
     def insert(self, batch: TrajectoryBatch, worker: str, timeout: float | None) -> InsertResult:
         return self.store.insert(batch, worker=worker, timeout=timeout)

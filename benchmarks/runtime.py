@@ -102,15 +102,17 @@ def ray_parts(cfg, seconds: float) -> dict:
     from actors.rollout import RolloutWorker
     from actors.weights import WeightStore
 
-    config = config_to_dict(cfg)
+    # no rate limit: nothing samples the store here
+    unlimited = cfg.replay.model_copy(update={"capacity": 200_000, "samples_per_insert": None})
     ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False,
              log_to_driver=False, logging_level="ERROR")
     out: dict = {"rollout_workers": []}
     try:
-        store = ReplayStoreActor.remote(None, capacity_trajectories=200_000)
+        store = ReplayStoreActor.remote(cfg.model_copy(update={"replay": unlimited}), None,
+                                        "bench")
         weights = WeightStore.remote()
         for n_workers in (1, 2):
-            workers = [RolloutWorker.options(num_cpus=1).remote(config, "posterior", f"w{i}",
+            workers = [RolloutWorker.options(num_cpus=1).remote(cfg, "posterior", f"w{i}",
                                                                 store, weights, seed=i)
                        for i in range(n_workers)]
             ray.get([w.step.remote(ROLLOUT_N) for w in workers])  # started and warm
@@ -133,7 +135,7 @@ def ray_parts(cfg, seconds: float) -> dict:
                 ray.kill(w)
 
         # weight publish → applied by a worker, against one put + get
-        worker = RolloutWorker.options(num_cpus=1).remote(config, "prior", "w", store, weights,
+        worker = RolloutWorker.options(num_cpus=1).remote(cfg, "prior", "w", store, weights,
                                                           seed=9)
         state = {k: v.clone() for k, v in make_task(cfg.task).prior().state_dict().items()}
         nbytes = sum(v.numel() * v.element_size() for v in state.values())

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from rtb_ray.config import RunConfig, config_to_dict
 from rtb_ray.tasks import Task
-from rtb_ray.trainer import write_json
+from rtb_ray.run_dir import write_json
 from rtb_ray.tracking import open_run_tracker
 from rtb_ray.transitions import GuidedFamily
 

@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 # torch is imported by the commands that use it: `rtb-ray status` answers in about a second
-from rtb_ray.config import (MAX_WORKERS_PER_ROLE, ROLES, ConfigError, RunConfig, apply_overrides,
+from rtb_ray.config import (MAX_WORKERS_PER_ROLE, ConfigError, RunConfig, apply_overrides,
                             check_worker_counts, load_config, validate_config)
+from rtb_ray.roles import ROLE_NAMES
 
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
 
@@ -184,21 +185,31 @@ def cmd_train(args: argparse.Namespace) -> int:
                             tracking_uri=tracking_uri, progress=not args.no_progress)
     if args.address is not None:
         raise ConfigError("--address and --in-process exclude each other")
-    from rtb_ray.trainer import InProcessTrainer, format_eval
+    return train_in_process(cfg, output, resume, tracking_uri, progress=not args.no_progress)
 
-    trainer = InProcessTrainer(cfg, output, resume=resume, progress=not args.no_progress,
-                               tracking_uri=tracking_uri)
+
+def train_in_process(cfg: RunConfig, output: Path, resume: bool, tracking_uri: str | None,
+                     progress: bool) -> int:
+    """The roles inline, the loop, one process (rtb_ray/batches.py InlineBatches)."""
+    from rtb_ray.batches import InlineBatches
+    from rtb_ray.evaluation import format_eval
+    from rtb_ray.loop import prepare, train
+    from rtb_ray.rollout import Sampler
+
+    run = prepare(cfg, output, resume=resume)
+    batches = InlineBatches(cfg, Sampler(run.task, run.learner.prior, run.learner.posterior))
+    run.run_dir.start(tracking_uri)
     print(f"run directory: {output}")
-    if trainer.tracker is not None:
-        verb = "continues" if trainer.tracker.resumed else "is"
-        print(f"MLflow: this run {verb} run {trainer.tracker.run_id} "
-              f"(experiment {trainer.tracker.experiment_name!r}); open it with\n"
-              f"  {trainer.tracker.ui_hint()}")
+    tracker = run.run_dir.tracker
+    if tracker is not None:
+        verb = "continues" if tracker.resumed else "is"
+        print(f"MLflow: this run {verb} run {tracker.run_id} (experiment "
+              f"{tracker.experiment_name!r}); open it with\n  {tracker.ui_hint()}")
     try:
-        final = trainer.train()
+        final = train(run, batches, progress=progress)
     except KeyboardInterrupt:
         return 130
-    print(format_eval(final))
+    print(format_eval(final, run.task.progress_metrics))
     print(f"final metrics: {output / 'final_eval.json'}")
     return 0
 
@@ -257,7 +268,7 @@ def format_status(s: dict) -> str:
         lines.append(f"learner step {w['learner_step']}, weights version {w['version']} "
                      f"({w['published']} published)")
     tp = s["throughput"]
-    for role in ROLES:
+    for role in ROLE_NAMES:
         mine = [x for x in s["workers"] if x["role"] == role and not x["retiring"]]
         nodes = sorted({(x["node"] or "?")[:8] for x in mine})
         lines.append(f"  {role:9s} workers {len(mine)}/{s['targets'][role]}  "
@@ -279,7 +290,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
     from actors.session import connect
 
     if args.workers is not None:
-        most = MAX_WORKERS_PER_ROLE * len(ROLES)
+        most = MAX_WORKERS_PER_ROLE * len(ROLE_NAMES)
         if not 1 <= args.workers <= most:
             raise ConfigError(f"--workers must be in 1..{most} (got {args.workers})")
         counts = split_workers(args.workers,
@@ -353,7 +364,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from rtb_ray.learner import make_posterior
     from rtb_ray.metrics import sum_log_probs
     from rtb_ray.tasks import make_task
-    from rtb_ray.trainer import load_run_checkpoint
+    from rtb_ray.run_dir import load_run_checkpoint
 
     if args.n < 1:
         raise ConfigError("--n must be >= 1")

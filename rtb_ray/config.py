@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rtb_ray.roles import ROLE_NAMES, check_role_names
 
-ROLES = ("posterior", "prior", "backward")  # rollout worker roles of the Ray runtime
 MAX_WORKERS_PER_ROLE = 1024  # far above any cluster here; catches a mistyped count early
 
 
@@ -103,8 +104,13 @@ class TrainConfig(Strict):
         default_factory=lambda: {"posterior": 1.0},
         description="share of each batch per source: posterior, prior, backward",
     )
-    backward_pool: int = Field(
-        4096, ge=1, description="recent terminal states kept for backward trajectories"
+    backward_half_life: int = Field(
+        4096, ge=1, description="backward rollouts start from recent forward terminals of the "
+                                "store: a row this many rows older is drawn half as often"
+    )
+    backward_candidates: int = Field(
+        4, ge=1, description="stored terminals drawn per backward trajectory, resampled by "
+                             "importance weight toward the target"
     )
     objective: ObjectiveConfig = ObjectiveConfig()
     mass_covering: MassCoveringConfig = MassCoveringConfig()
@@ -115,12 +121,10 @@ class TrainConfig(Strict):
     @field_validator("sources")
     @classmethod
     def _check_sources(cls, v: dict[str, float]) -> dict[str, float]:
-        allowed = {"posterior", "prior", "backward"}
+        check_role_names(v, "train.sources", noun="source")
         for name, share in v.items():
-            if name not in allowed:
-                raise ValueError(f"unknown source {name!r} (allowed: {sorted(allowed)})")
-            if share < 0:
-                raise ValueError(f"share of {name!r} must be >= 0")
+            if not 0 <= share < math.inf:
+                raise ValueError(f"share of {name!r} must be a finite number >= 0 (got {share})")
         if sum(v.values()) <= 0:
             raise ValueError("shares must not all be zero")
         return v
@@ -145,7 +149,8 @@ class TrackingConfig(Strict):
 
 
 class ReplayConfig(Strict):
-    """The replay store of the Ray runtime (rtb_ray/replay, docs/REPLAY.md)."""
+    """The replay store the roles fill and the learner samples, on both runtimes (in process it
+    is memory only: ``persist`` is for the Ray runtime). rtb_ray/replay, docs/REPLAY.md."""
 
     capacity: int = Field(200_000, ge=1, description="trajectories held in memory (FIFO)")
     samples_per_insert: float | None = Field(
@@ -165,14 +170,22 @@ class ReplayConfig(Strict):
                                 "also seals what is pending"
     )
 
+    @model_validator(mode="after")
+    def _fits(self) -> "ReplayConfig":
+        for key in ("min_size_to_sample", "segment_rows"):
+            value = getattr(self, key)
+            if value is not None and value > self.capacity:
+                raise ValueError(f"{key} ({value}) must be <= capacity ({self.capacity}): the "
+                                 f"store could never hold that many rows")
+        return self
+
 
 def check_worker_counts(counts: dict[str, int], *, total: bool = True) -> dict[str, int]:
     """Rollout workers per role (``runtime.workers``, ``rtb-ray scale``): known roles, whole
     numbers in 0..MAX_WORKERS_PER_ROLE, and (``total``) at least one worker in all, since a run
     without workers stalls its learner. Raises ValueError naming the role."""
+    check_role_names(counts, "the worker counts")
     for role, n in counts.items():
-        if role not in ROLES:
-            raise ValueError(f"unknown role {role!r} (roles: {', '.join(ROLES)})")
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_WORKERS_PER_ROLE:
             raise ValueError(f"workers of {role!r} must be a whole number in "
                              f"0..{MAX_WORKERS_PER_ROLE} (got {n!r})")
@@ -183,7 +196,9 @@ def check_worker_counts(counts: dict[str, int], *, total: bool = True) -> dict[s
 
 
 class RuntimeConfig(Strict):
-    """The Ray runtime: rollout workers per role, the learner, weight publishing, the store."""
+    """How the roles run. On Ray: rollout workers per role, the learner's resources, weight
+    publishing. In process the roles take turns in the proportions of ``workers``, each making
+    ``rollout_batch_size`` trajectories a turn."""
 
     workers: dict[str, int] = Field(
         default_factory=lambda: {"posterior": 1, "prior": 1, "backward": 1},
@@ -199,11 +214,11 @@ class RuntimeConfig(Strict):
                                 "than this many learner steps old (None: no bound)"
     )
     max_in_flight: int = Field(2, ge=1, description="sampling calls in flight per worker")
-    backward_candidates: int = Field(
-        4, ge=1, description="backward role: stored terminals drawn per trajectory, resampled "
-                             "by importance weight toward the target"
-    )
-    replay: ReplayConfig = ReplayConfig()
+    call_timeout_s: float = Field(
+        60.0, gt=0, description="a worker call waiting longer for the store or for fresh "
+                                "weights returns without a batch (and is counted)")
+    sample_timeout_s: float = Field(
+        600.0, gt=0, description="the learner fails when the store has no batch for it this long")
 
     @field_validator("workers")
     @classmethod
@@ -230,6 +245,7 @@ class RunConfig(Strict):
     eval: EvalConfig = EvalConfig()
     checkpoint_every_steps: int = Field(1000, ge=1)
     tracking: TrackingConfig = TrackingConfig()
+    replay: ReplayConfig = ReplayConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
     @field_validator("task", mode="before")
@@ -245,6 +261,31 @@ class RunConfig(Strict):
 
     def digest(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
+
+    @property
+    def seeds(self) -> "Seeds":
+        return Seeds(self.seed)
+
+
+class Seeds:
+    """Every random stream of a run, derived from ``seed`` here and nowhere else. The offsets
+    only keep the streams apart; both runtimes use the same ones."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.learner = seed  # torch's global stream and the learner's (objective noise)
+        self.store = seed  # the replay store's draws
+        self.inline_rollouts = seed + 1  # the in-process roles
+        self.mass_covering = seed + 2  # the target samples of train.mass_covering
+        self.eval_targets = seed + 7  # the prior trajectories the EUBO resamples
+        self.guidance = seed + 10_000  # the guidance baseline's samples, at every scale
+
+    def evaluation(self, step: int) -> int:
+        return self.seed + 10_000 + step
+
+    def worker(self, role: str, index: int) -> int:
+        """The ``index``-th rollout worker of ``role`` (replacements get new indices)."""
+        return self.seed + 1000 * ROLE_NAMES.index(role) + index
 
 
 def _format_error(err: ValidationError) -> str:

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from rtb_ray.trajectory import TrajectoryBatch
+from rtb_ray.trajectory import Source, TrajectoryBatch
 from rtb_ray.transitions import TransitionFamily
 
 
@@ -141,3 +141,21 @@ def mean_pairwise_cosine_distance(
     unit = torch.nn.functional.normalize(x.double().flatten(1), dim=1)
     similarity = unit @ unit.T
     return (1.0 - (similarity.sum() - similarity.diagonal().sum()) / (n * (n - 1))).item()
+
+
+def staleness(batch: TrajectoryBatch, version: int) -> Tensor:
+    """How many learner steps old the weights were that sampled each posterior row."""
+    on_policy = (batch.source == Source.POSTERIOR) | (batch.source == Source.EXPLORE)
+    return version - batch.policy_version[on_policy]
+
+
+def staleness_quantiles(staleness: Tensor) -> dict[str, float]:
+    """The distribution of staleness (learner version − policy_version, in steps) of the
+    posterior rows a learner trained on."""
+    if staleness.numel() == 0:
+        return {}
+    s = staleness.double()
+    q = torch.quantile(s, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64))
+    return {"staleness_mean": s.mean().item(), "staleness_p50": q[0].item(),
+            "staleness_p90": q[1].item(), "staleness_p99": q[2].item(),
+            "staleness_max": s.max().item()}

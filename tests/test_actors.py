@@ -14,7 +14,7 @@ ray = pytest.importorskip("ray")
 from actors.replay import ReplayStoreActor  # noqa: E402
 from actors.rollout import RolloutWorker  # noqa: E402
 from actors.weights import WeightStore  # noqa: E402
-from rtb_ray.config import config_to_dict, load_config  # noqa: E402
+from rtb_ray.config import load_config  # noqa: E402
 from rtb_ray.tasks import make_task  # noqa: E402
 from test_cli import CONFIG, TINY  # noqa: E402
 
@@ -34,9 +34,9 @@ def local_ray(cache):
 
 
 def test_workers_fill_the_store_with_versioned_trajectories_of_every_role(local_ray, tmp_path):
-    config = config_to_dict(load_config(CONFIG, TINY))
-    store = ReplayStoreActor.remote(str(tmp_path / "replay"), capacity_trajectories=10_000,
-                                    segment_rows=64, run="test")
+    config = load_config(CONFIG, [*TINY, "replay.capacity=10000", "replay.segment_rows=64",
+                                  "replay.samples_per_insert=null", "replay.min_size_to_sample=1"])
+    store = ReplayStoreActor.remote(config, str(tmp_path / "replay"), "test")
     weights = WeightStore.remote()
     posterior = RolloutWorker.options(num_cpus=0.5).remote(config, "posterior", "post-0", store,
                                                            weights, seed=1)
@@ -80,3 +80,33 @@ def test_workers_fill_the_store_with_versioned_trajectories_of_every_role(local_
     # version 3 moved the drift by +3 along x: its terminal states sit to the right
     states = table.filter(pc.equal(table.column("policy_version"), 3)).column("states")
     assert states.combine_chunks().to_numpy_ndarray()[:, -1, 0].mean() > 1.0
+
+
+def test_both_runtimes_make_batches_with_the_same_role_functions(local_ray, tmp_path):
+    """A rollout worker (its own process) and the in-process source, given the same seed and
+    weights, make the same trajectories for each role: one batch path, not two."""
+    from rtb_ray.batches import InlineBatches
+    from rtb_ray.rollout import Sampler
+    from rtb_ray.trajectory import Source
+
+    config = load_config(CONFIG, [*TINY, "replay.samples_per_insert=null",
+                                  "replay.min_size_to_sample=1"])
+    task = make_task(config.task)
+    inline = InlineBatches(config, Sampler(task, task.prior(), task.prior()))
+    weights = WeightStore.remote()
+    for role in ("prior", "posterior"):
+        directory = tmp_path / role
+        store = ReplayStoreActor.remote(config, str(directory), "test")
+        worker = RolloutWorker.options(num_cpus=0.5).remote(config, role, role, store, weights,
+                                                            seed=11)
+        assert ray.get(worker.step.remote(64))["inserted"] == 64
+        ray.get(store.close.remote())
+        theirs = ds.dataset(directory, format="ipc").to_table().sort_by("id")
+        inline.context.generator.manual_seed(11)
+        inline.context.policy_version = -1  # what the worker holds: nothing published yet
+        mine = next(r for r in inline.turns if r.name == role).rollout(inline.context, 64)
+        states = torch.tensor(theirs.column("states").combine_chunks().to_numpy_ndarray())
+        assert theirs.column("source").to_pylist() == [Source(code).name.lower()
+                                                       for code in mine.source.tolist()]
+        torch.testing.assert_close(states, mine.states, rtol=1e-4, atol=1e-4)
+        ray.kill(worker)

@@ -26,7 +26,7 @@ RUNTIME = [o for o in TINY if not o.startswith(("train.steps", "checkpoint_every
     "train.steps=100000", "checkpoint_every_steps=25", "train.log_every_steps=25",
     "eval.every_steps=100000",
     "runtime.rollout_batch_size=32", "runtime.worker_num_cpus=0.1",
-    "runtime.replay.min_size_to_sample=64", "runtime.replay.samples_per_insert=4",
+    "replay.min_size_to_sample=64", "replay.samples_per_insert=4",
     "tracking.log_model=false",
 ]
 

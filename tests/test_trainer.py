@@ -1,5 +1,5 @@
-"""Pieces of the in-process trainer: batch composition, the backward pool, the schedule, the
-mass-covering term and its warm start."""
+"""Pieces of the training loop: batch composition by the roles, backward starts, the schedule,
+the mass-covering term and its warm start."""
 
 from __future__ import annotations
 
@@ -9,20 +9,36 @@ import json
 import pytest
 import torch
 
+from rtb_ray.batches import InlineBatches
 from rtb_ray.config import (ConfigError, ExploreConfig, MassCoveringConfig, ObjectiveConfig,
                             TrainConfig, load_config)
 from rtb_ray.learner import Learner
+from rtb_ray.loop import prepare, resampled_prior_terminals, train
+from rtb_ray.replay import ReplayStore
+from rtb_ray.roles import ROLES, RolloutContext, training_mixture
 from rtb_ray.rollout import Sampler
-from rtb_ray.trainer import (InProcessTrainer, TerminalPool, resampled_prior_terminals,
-                             source_counts)
 from rtb_ray.trajectory import Source, TrajectoryBatch
 
 
-def test_source_counts_split_the_batch_exactly():
-    counts = source_counts({"posterior": 0.5, "prior": 0.25, "backward": 0.25}, 255)
-    assert sum(counts.values()) == 255
-    assert counts[Source.POSTERIOR] in (127, 128) and counts[Source.PRIOR] in (63, 64)
-    assert source_counts({"posterior": 1.0, "prior": 0.0}, 7) == {Source.POSTERIOR: 7}
+def test_training_mixture_splits_the_batch_exactly_by_role(gaussian_task):
+    from test_cli import CONFIG
+
+    cfg = load_config(CONFIG, ["train.sources={posterior: 0.5, prior: 0.25, backward: 0.25}",
+                               "replay.recency_half_life=null"])
+    store = ReplayStore(None)
+    net = gaussian_task.prior()
+    sampler = Sampler(gaussian_task, net, net)
+    for source in (Source.POSTERIOR, Source.EXPLORE, Source.PRIOR, Source.BACKWARD):
+        terminal = torch.zeros(50, 1) if source == Source.BACKWARD else None
+        store.insert(sampler.rollout(source, 50, terminal=terminal, explore=0.1 * (
+            source == Source.EXPLORE))).raise_for_status()
+    counts = torch.bincount(store.sample(255, sampler=training_mixture(cfg)).source.long(),
+                            minlength=4)
+    # posterior and explore rows are one role's pool
+    assert counts.sum() == 255 and counts[0] + counts[1] in (127, 128)
+    assert counts[2] in (63, 64) and counts[3] in (63, 64)
+    only = load_config(CONFIG, ["train.sources={posterior: 1.0, prior: 0.0}"])
+    assert set(store.sample(7, sampler=training_mixture(only)).source.tolist()) <= {0, 1}
 
 
 def test_explore_schedule_anneals_then_holds():
@@ -31,33 +47,44 @@ def test_explore_schedule_anneals_then_holds():
     assert abs(ex.at(0.5) - 0.1) < 1e-12 and abs(ex.at(0.9) - 0.1) < 1e-12
 
 
-def test_terminal_pool_resamples_in_proportion_to_reward_and_skips_non_finite():
-    x = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
-    states = torch.stack([torch.zeros_like(x), x], 1)
+def backward_starts(gaussian_task, batch: TrajectoryBatch, beta: float, n: int = 20_000):
+    """The terminal states the backward role starts from, with ``batch`` in the store."""
+    from test_cli import CONFIG
+
+    cfg = load_config(CONFIG, [f"train.objective.beta={beta}", "train.backward_candidates=1"])
+    store = ReplayStore(None)
+    store.insert(batch).raise_for_status()
+    net = gaussian_task.prior()
+    context = RolloutContext(Sampler(gaussian_task, net, net), cfg,
+                             torch.Generator().manual_seed(0),
+                             read_store=lambda k, rows: store.sample(k, sampler=rows,
+                                                                     rate_limited=False))
+    made = ROLES["backward"].rollout(context, n)
+    assert (made.source == Source.BACKWARD).all()
+    return made.terminal
+
+
+def test_backward_starts_resample_in_proportion_to_reward_and_skip_non_finite(gaussian_task):
+    x = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    states = torch.cat([torch.zeros(4, 50, 1), x[:, None]], 1)
     log_reward = torch.tensor([0.0, 1.0, float("nan"), -float("inf")])
     batch = TrajectoryBatch.make(states, log_reward, torch.zeros(4), torch.zeros(4), Source.PRIOR)
-    pool = TerminalPool(capacity=3)
-    pool.add(batch)
-    assert pool.x.shape[0] == 2  # non-finite rewards never enter
-    draws = pool.sample(20_000, torch.Generator().manual_seed(0))
+    draws = backward_starts(gaussian_task, batch, beta=1.0)
+    assert set(draws[:, 0].tolist()) <= {0.0, 1.0}  # non-finite rewards never enter
     share_one = (draws[:, 0] == 1.0).double().mean().item()
     assert abs(share_one - torch.e / (1 + torch.e)) < 0.02  # ∝ r: e¹ against e⁰, r = 0 never
-    pool.add(batch)  # FIFO at capacity
-    assert pool.x.shape[0] == 3
 
 
-def test_terminal_pool_weights_posterior_rows_by_target_over_behaviour():
+def test_backward_starts_weight_posterior_rows_by_target_over_behaviour(gaussian_task):
     # Two posterior rows whose sampler already put r^β into them (log q = log p_prior + β log r
     # − log Z): their importance weights are equal, so resampling must not favour the higher
     # reward again (∝ r^β would pick row 1 e² times as often as row 0).
     x = torch.tensor([[0.0], [1.0]])
-    states = torch.stack([torch.zeros_like(x), x], 1)
+    states = torch.cat([torch.zeros(2, 50, 1), x[:, None]], 1)
     log_reward, log_prior = torch.tensor([0.0, 1.0]), torch.tensor([-3.0, -3.0])
     log_behaviour = log_prior + 2.0 * log_reward - 0.7
     batch = TrajectoryBatch.make(states, log_reward, log_prior, log_behaviour, Source.POSTERIOR)
-    pool = TerminalPool(capacity=10, beta=2.0)
-    pool.add(batch)
-    draws = pool.sample(20_000, torch.Generator().manual_seed(0))
+    draws = backward_starts(gaussian_task, batch, beta=2.0)
     assert abs((draws[:, 0] == 1.0).double().mean().item() - 0.5) < 0.02
 
 
@@ -122,33 +149,41 @@ def test_warm_start_alone_fits_the_target_samples(gaussian_task):
     assert learner.step_count == 0  # the RTB steps, and the policy versions, start after it
 
 
+def in_process(cfg, output, resume: bool = False):
+    run = prepare(cfg, output, resume=resume)
+    batches = InlineBatches(cfg, Sampler(run.task, run.learner.prior, run.learner.posterior))
+    run.run_dir.start()
+    return run, batches
+
+
 def test_in_process_run_with_mass_covering_warm_starts_once_and_resumes(tmp_path, cache, monkeypatch):
     from test_cli import CONFIG, TINY
 
     monkeypatch.setenv("RTB_RAY_CACHE", str(cache))
     with pytest.raises(ConfigError, match="train.mass_covering.first_steps: 21 is more than"):
-        InProcessTrainer(load_config(CONFIG, [*TINY, "train.mass_covering.weight=1",
-                                              "train.mass_covering.first_steps=21"]),
-                         tmp_path / "bad", progress=False)
+        prepare(load_config(CONFIG, [*TINY, "train.mass_covering.weight=1",
+                                     "train.mass_covering.first_steps=21"]),
+                tmp_path / "bad", resume=False)
     assert not (tmp_path / "bad").exists()  # refused before anything is written
     overrides = [*TINY, "train.mass_covering.weight=2.0", "train.mass_covering.num_samples=2000",
                  "train.mass_covering.warm_start_steps=30", "tracking.enabled=false"]
     half = load_config(CONFIG, [*overrides, "train.steps=10"])
-    run = tmp_path / "run"
-    trainer = InProcessTrainer(half, run, progress=False)
-    info = json.loads((run / "mass_covering.json").read_text())
+    run_dir = tmp_path / "run"
+    run, batches = in_process(half, run_dir)
+    prior_state = copy.deepcopy(run.learner.prior.state_dict())
+    train(run, batches, progress=False)  # the warm start is the loop's first phase
+    info = json.loads((run_dir / "mass_covering.json").read_text())
     assert info["warm_start_steps"] == 30 and 0 < info["distinct"] <= 2000
-    warm = copy.deepcopy(trainer.learner.posterior.state_dict())
-    assert any(not torch.equal(warm[k], v) for k, v in trainer.learner.prior.state_dict().items())
-    trainer.train()
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(not torch.equal(run.learner.posterior.state_dict()[k], v)
+               for k, v in prior_state.items())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["mass_covering_loss"] > 0 for r in rows if r["kind"] == "train")
-    saved = copy.deepcopy(trainer.learner.posterior.state_dict())
-    targets = trainer.learner.target_terminals
+    saved = copy.deepcopy(run.learner.posterior.state_dict())
+    targets = run.learner.target_terminals
 
-    again = InProcessTrainer(load_config(CONFIG, overrides), run, resume=True, progress=False)
-    assert "warm_start_steps" not in json.loads((run / "mass_covering.json").read_text())
-    for k, v in again.learner.posterior.state_dict().items():  # the checkpoint's, not re-warmed
+    again, batches = in_process(load_config(CONFIG, overrides), run_dir, resume=True)
+    for k, v in again.learner.posterior.state_dict().items():  # the checkpoint's
         assert torch.equal(v, saved[k]), k
+    assert train(again, batches, progress=False)["step"] == 20
+    assert "warm_start_steps" not in json.loads((run_dir / "mass_covering.json").read_text())
     assert torch.equal(again.learner.target_terminals, targets)  # the same samples, drawn again
-    assert again.train()["step"] == 20

@@ -1,0 +1,98 @@
+"""Where the learner's batches come from: the contract, and the in-process source.
+
+Both runtimes run one algorithm: the roles (rtb_ray/roles.py) insert into a replay store, and
+the learner samples it with ``training_mixture`` under the store's rate limiter. On Ray the
+roles run in rollout workers and the store in an actor (actors/learner.py ``StoreBatches``);
+in process they run inline, here, against a memory-only store.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from rtb_ray.config import RunConfig
+from rtb_ray.learner import Learner
+from rtb_ray.replay import ReplayStore, SampleTimeout
+from rtb_ray.roles import ROLES, RolloutContext, training_mixture
+from rtb_ray.rollout import Sampler
+from rtb_ray.trajectory import TrajectoryBatch
+
+
+class BatchSource(Protocol):
+    def next_batch(self, learner: Learner) -> TrajectoryBatch:
+        """The next training batch (blocks until the store can give one)."""
+        ...
+
+    def after_step(self, learner: Learner) -> None:
+        """The learner took a step (the Ray source publishes weights here)."""
+        ...
+
+    def row_extras(self) -> dict[str, float]:
+        """Numbers for the next train row (store and rollout figures)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the source (on Ray: seals the store's rows first, so a
+        checkpoint never refers to rows that are not on disk)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def make_store(cfg: RunConfig, directory: str | None = None, run: str = "") -> ReplayStore:
+    """The run's replay store (``cfg.replay``); memory only without a directory."""
+    replay = cfg.replay
+    return ReplayStore(
+        directory, capacity_trajectories=replay.capacity, segment_rows=replay.segment_rows,
+        run=run, seed=cfg.seeds.store, samples_per_insert=replay.samples_per_insert,
+        error_buffer=replay.error_buffer or max(replay.min_size_to_sample,
+                                                2 * cfg.train.batch_size),
+        min_size_to_sample=replay.min_size_to_sample)
+
+
+class InlineBatches:
+    """The roles called inline: whenever the store's rate limiter holds the learner back, the
+    next role in turn (``runtime.workers`` turns each) inserts ``runtime.rollout_batch_size``
+    trajectories. The rollouts use the learner's own posterior: always the newest weights."""
+
+    def __init__(self, cfg: RunConfig, sampler: Sampler) -> None:
+        self.cfg = cfg
+        self.store = make_store(cfg)
+        self.mixture = training_mixture(cfg)
+        self.turns = [ROLES[name] for name in ROLES for _ in range(cfg.runtime.workers.get(name, 0))]
+        self.turn = 0
+        self.context = RolloutContext(
+            sampler, cfg, torch.Generator().manual_seed(cfg.seeds.inline_rollouts),
+            read_store=lambda n, rows: self.store.sample(n, sampler=rows, timeout=0,
+                                                         rate_limited=False))
+
+    def next_batch(self, learner: Learner) -> TrajectoryBatch:
+        self.context.policy_version = learner.version
+        while True:
+            try:
+                return self.store.sample(self.cfg.train.batch_size, sampler=self.mixture,
+                                         timeout=0)
+            except SampleTimeout:  # the rate limiter wants more rows first
+                role = self.turns[self.turn % len(self.turns)]
+                self.turn += 1
+                batch = role.rollout(self.context, self.cfg.runtime.rollout_batch_size)
+                self.store.insert(batch, worker=role.name, timeout=0).raise_for_status()
+
+    def after_step(self, learner: Learner) -> None:
+        pass
+
+    def row_extras(self) -> dict[str, float]:
+        stats = self.store.stats()
+        return {"replay_size": float(stats["size"]),
+                "replay_samples_per_insert": float(stats["samples_per_insert"])}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rollout_rng": self.context.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: the random stream goes on; the memory-only store refills, from the first
+        turn (forward roles first: backward rollouts start from their rows)."""
+        if "rollout_rng" in state:
+            self.context.generator.set_state(state["rollout_rng"])

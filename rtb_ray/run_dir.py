@@ -1,0 +1,180 @@
+"""A run directory: its files, its checkpoint and its MLflow run, for both runtimes.
+
+    config.yaml        the resolved config
+    metrics.jsonl      one JSON row per log interval ("train") and per evaluation ("eval")
+    eval/step_N.json   evaluation metrics;  eval/step_N.png  a picture of posterior samples
+    final_eval.json    the last evaluation, on eval.final_num_samples samples
+    checkpoint.pt      learner state, RNG, the batch source's state (atomic; weights_only)
+    mlflow_run.json    the MLflow run of this training run (unless tracking.enabled is false)
+    mlflow.db, mlartifacts/   the default MLflow store (unless --tracking-uri names another)
+
+MLflow (rtb_ray/tracking.py) receives the same rows: train rows as ``train/<key>`` and eval rows
+as ``eval/<key>`` metrics at the learner step, the eval PNG/JSON files as artifacts under
+``eval/``, the config as params and ``config.yaml``, and at the end ``final_eval.json``,
+``metrics.jsonl`` and the posterior (PyTorch flavour). ``tracking_s`` is the time spent in
+tracker calls, which only enqueue.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from rtb_ray.config import RunConfig, config_to_dict
+from rtb_ray.pretrain import atomic_torch_save
+from rtb_ray.tracking import MlflowTracker, open_run_tracker
+
+CHECKPOINT_FORMAT = "rtb-ray-run/1"
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def load_run_checkpoint(path: Path, task: str, network: torch.nn.Module | None = None) -> dict:
+    """A run checkpoint (``weights_only``), refused with a ValueError if it is not one, is of
+    another task, or (given the task's ``network``) holds a posterior of another shape."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an rtb-ray run checkpoint")
+    if ckpt["task"] != task:
+        raise ValueError(f"{path} is a checkpoint of task {ckpt['task']!r}, not {task!r}")
+    if network is not None:
+        mine = {k: tuple(v.shape) for k, v in network.state_dict().items()}
+        theirs = {k: tuple(v.shape) for k, v in ckpt["learner"]["posterior"].items()}
+        if mine != theirs:
+            diff = sorted(set(mine.items()) ^ set(theirs.items()))[:2]
+            raise ValueError(f"{path} holds a posterior of another shape than this config's "
+                             f"network (e.g. {diff}); resume with the settings it was made with")
+    return ckpt
+
+
+@dataclass
+class Clock:
+    """Wall time of the fine-tuning, and how much of it went to evaluation and to tracking."""
+
+    start: float = field(default_factory=time.perf_counter)
+    offset: float = 0.0  # time already spent before a resume
+    eval_s: float = 0.0
+    tracking_s: float = 0.0  # in tracker calls (which only enqueue metrics and artifacts)
+
+    @property
+    def wall_s(self) -> float:
+        return self.offset + time.perf_counter() - self.start
+
+    def state_dict(self) -> dict[str, float]:
+        return {"wall_s": self.wall_s, "eval_s": self.eval_s, "tracking_s": self.tracking_s}
+
+
+class RunDir:
+    """Files, checkpoint and tracker of one run. ``open`` refuses to start over a run (or to
+    resume a missing one) before anything is written."""
+
+    def __init__(self, output: Path, cfg: RunConfig, task_name: str, resume: bool) -> None:
+        self.output, self.cfg, self.task_name = Path(output), cfg, task_name
+        self.checkpoint_path = self.output / "checkpoint.pt"
+        if resume and not self.checkpoint_path.exists():
+            raise FileNotFoundError(f"nothing to resume: {self.checkpoint_path} does not exist")
+        if not resume and self.checkpoint_path.exists():
+            raise FileExistsError(f"{self.output} already holds a run; pass --resume to "
+                                  f"continue it")
+        self.resume = resume
+        self.resumed_at: int | None = None
+        self.clock = Clock()
+        self.tracker: MlflowTracker | None = None
+        self.last: dict[str, dict[str, Any]] = {"train": {}, "eval": {}}  # newest row per kind
+
+    def load_checkpoint(self, network: torch.nn.Module) -> dict | None:
+        """The checkpoint to resume from (checked against the task and network), or None."""
+        if not self.resume:
+            return None
+        ckpt = load_run_checkpoint(self.checkpoint_path, self.task_name, network)
+        self.resumed_at = int(ckpt["learner"]["step"])
+        clock = ckpt["clock"]
+        self.clock = Clock(offset=clock["wall_s"], eval_s=clock["eval_s"],
+                           tracking_s=clock.get("tracking_s", 0.0))
+        return ckpt
+
+    def start(self, tracking_uri: str | None = None, ray_address: str | None = None) -> None:
+        """Write config.yaml and open the MLflow run (last, so that a run that fails to start
+        leaves no MLflow run behind)."""
+        (self.output / "eval").mkdir(parents=True, exist_ok=True)
+        (self.output / "config.yaml").write_text(
+            yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+        if self.cfg.tracking.enabled:
+            self.tracker = open_run_tracker(self.output, self.cfg, resume=self.resume,
+                                            tracking_uri=tracking_uri, ray_address=ray_address)
+            if self.resumed_at is not None:
+                self.tracker.set_tags({"resumed_at_step": self.resumed_at})
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        atomic_torch_save({"format": CHECKPOINT_FORMAT, "task": self.task_name,
+                           "config_digest": self.cfg.digest(),
+                           "rng": {"torch": torch.get_rng_state()},
+                           "clock": self.clock.state_dict(), **state}, self.checkpoint_path)
+        if self.cfg.tracking.log_checkpoints:
+            self.artifact(self.checkpoint_path, "checkpoint")
+
+    def log(self, row: dict[str, Any]) -> None:
+        """One row to metrics.jsonl and, as ``<kind>/<key>`` metrics at its step, to MLflow."""
+        self.last[row["kind"]] = row
+        with open(self.output / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tracker is not None:
+            t0 = time.perf_counter()
+            self.tracker.log_metrics({f"{row['kind']}/{k}": v for k, v in row.items()
+                                      if k not in ("kind", "step") and isinstance(v, (int, float))},
+                                     step=row["step"])
+            self.clock.tracking_s += time.perf_counter() - t0
+
+    def artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if self.tracker is not None:
+            t0 = time.perf_counter()
+            self.tracker.log_artifact(path, artifact_path)
+            self.clock.tracking_s += time.perf_counter() - t0
+
+    def log_eval(self, metrics: dict[str, float], name: str) -> dict[str, float]:
+        """An evaluation's row, its JSON and its picture (``eval/<name>.png``, made by the
+        evaluator), with the clock's figures."""
+        metrics.update(wall_s=self.clock.wall_s, train_s=self.clock.wall_s - self.clock.eval_s,
+                       tracking_s=self.clock.tracking_s)
+        write_json(self.output / "eval" / f"{name}.json", metrics)
+        self.log({"kind": "eval", **metrics})
+        self.artifact(self.output / "eval" / f"{name}.png", "eval")
+        self.artifact(self.output / "eval" / f"{name}.json", "eval")
+        return metrics
+
+    def finish(self, final: dict[str, float], posterior: torch.nn.Module,
+               input_example: dict[str, torch.Tensor]) -> None:
+        """``final_eval.json`` and the end-of-run artifacts: after the loop, never on its path."""
+        write_json(self.output / "final_eval.json", final)
+        if self.tracker is None:
+            return
+        self.tracker.log_artifact(self.output / "final_eval.json")
+        self.tracker.log_artifact(self.output / "metrics.jsonl")
+        if self.cfg.tracking.log_model:
+            try:
+                uri = self.tracker.log_pytorch_model(posterior, input_example, name="posterior",
+                                                     step=int(final["step"]))
+                print(f"MLflow: posterior logged as {uri}")
+            except Exception as err:  # the run's results are already on disk: warn, do not fail
+                print(f"rtb-ray: warning: could not log the posterior to MLflow: {err}")
+
+    def close(self, status: str) -> None:
+        """End the MLflow run: FINISHED, KILLED (Ctrl-C) or FAILED."""
+        if self.tracker is None:
+            return
+        counters = self.tracker.close(status)
+        if counters.dropped or counters.failed or counters.artifacts_failed:
+            print(f"rtb-ray: warning: MLflow dropped {counters.dropped} and failed to write "
+                  f"{counters.failed} metric points, {counters.artifacts_failed} artifacts "
+                  f"(last error: {self.tracker.last_error})")
