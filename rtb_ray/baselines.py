@@ -40,7 +40,8 @@ def guidance_sweep(cfg: RunConfig, task: Task, output: Path, scales: list[float]
         raise FileExistsError(f"{output} already holds a guidance sweep")
     (output / "eval").mkdir(parents=True, exist_ok=True)
     (output / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tracker = (open_run_tracker(output, cfg, resume=False, tracking_uri=tracking_uri)
+    tracker = (open_run_tracker(output, cfg, task.name, resume=False,
+                                tracking_uri=tracking_uri)
                if cfg.tracking.enabled else None)
     status = "FAILED"
     try:
@@ -49,7 +50,7 @@ def guidance_sweep(cfg: RunConfig, task: Task, output: Path, scales: list[float]
         rows = []
         for i, scale in enumerate(tqdm(scales, desc="guidance scales")):
             t0 = time.perf_counter()
-            gen = torch.Generator().manual_seed(cfg.seed + 10_000)
+            gen = torch.Generator().manual_seed(cfg.seeds.guidance)
             x = torch.cat([family.sample(prior, min(chunk, n - j), generator=gen,
                                          guidance=task.log_reward, guidance_scale=scale)[0][:, -1]
                            for j in range(0, n, chunk)])

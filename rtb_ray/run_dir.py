@@ -111,7 +111,7 @@ class RunDir:
         (self.output / "config.yaml").write_text(
             yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
         if self.cfg.tracking.enabled:
-            self.tracker = open_run_tracker(self.output, self.cfg, resume=self.resume,
+            self.tracker = open_run_tracker(self.output, self.cfg, self.task_name, resume=self.resume,
                                             tracking_uri=tracking_uri, ray_address=ray_address)
             if self.resumed_at is not None:
                 self.tracker.set_tags({"resumed_at_step": self.resumed_at})

@@ -468,17 +468,19 @@ def write_run_record(output: Path, tracker: MlflowTracker) -> None:
     os.replace(tmp, path)
 
 
-def open_run_tracker(output: Path, cfg: RunConfig, *, resume: bool,
+def open_run_tracker(output: Path, cfg: RunConfig, task_name: str, *, resume: bool,
                      tracking_uri: str | None = None,
                      ray_address: str | None = None) -> MlflowTracker:
     """The tracker of the training run in ``output``: a new MLflow run, or on ``resume`` the
     run recorded in ``output/mlflow_run.json`` (in the store it was recorded with, unless
-    ``tracking_uri`` names another). Logs tags, the config as params, and ``config.yaml``."""
+    ``tracking_uri`` names another), in ``tracking.experiment`` or else the experiment named
+    after the task (``task_name``: a task from a file is named by its task, not its path).
+    Logs tags, the config as params, and ``config.yaml``."""
     output = Path(output).resolve()
     record = read_run_record(output) if resume else None
     uri = (normalize_tracking_uri(tracking_uri) if tracking_uri
            else record["tracking_uri"] if record else default_tracking_uri(output))
-    tracker = MlflowTracker(uri, cfg.tracking.experiment or cfg.task.name, run_name=output.name,
+    tracker = MlflowTracker(uri, cfg.tracking.experiment or task_name, run_name=output.name,
                             run_id=record["run_id"] if record else None)
     write_run_record(output, tracker)
     tracker.set_tags({**run_tags(ray_address), "run_dir": str(output)})

@@ -37,6 +37,7 @@ def test_a_task_from_outside_trains_on_both_runtimes_and_exports_samples(tmp_pat
         final = json.loads((run / "final_eval.json").read_text())
         assert final["step"] == 20 and np.isfinite(final["radius_error"])
         assert yaml.safe_load((run / "config.yaml").read_text())["task"]["name"] == str(task_file)
+        assert "(experiment 'ring')" in done.stdout  # named by the task, not by its file
         npz = tmp_path / f"samples-{len(runtime)}.npz"
         exported = rtb_ray("sample", str(run), "--n", "50", "--out", str(npz),
                            cache=tmp_path / "cache")

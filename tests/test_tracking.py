@@ -160,7 +160,7 @@ def test_resume_continues_the_same_mlflow_run(store, tmp_path):
     (out / "config.yaml").write_text("task: {name: gmm25}\n")
     cfg = validate_config({"task": {"name": "gmm25"}, "train": {"steps": 10},
                            "tracking": {"experiment": "resume"}})
-    first = open_run_tracker(out, cfg, resume=False, tracking_uri=store)
+    first = open_run_tracker(out, cfg, "gmm25", resume=False, tracking_uri=store)
     record = json.loads((out / RUN_FILE).read_text())
     assert record["run_id"] == first.run_id and record["tracking_uri"] == store
     for step in range(5):
@@ -169,7 +169,7 @@ def test_resume_continues_the_same_mlflow_run(store, tmp_path):
 
     # no tracking_uri: the store recorded in the run directory
     more = validate_config({"task": {"name": "gmm25"}, "train": {"steps": 20}})
-    second = open_run_tracker(out, more, resume=True)
+    second = open_run_tracker(out, more, "gmm25", resume=True)
     client = MlflowClient(second.tracking_uri)
     assert second.run_id == first.run_id and second.resumed
     assert client.get_run(second.run_id).info.status == "RUNNING"
@@ -193,7 +193,7 @@ def test_resuming_a_run_the_store_does_not_hold_is_one_clear_error(store, tmp_pa
     (out / RUN_FILE).write_text(json.dumps({"run_id": "0" * 32, "tracking_uri": store}))
     cfg = validate_config({"task": {"name": "gmm25"}})
     with pytest.raises(TrackingError) as err:
-        open_run_tracker(out, cfg, resume=True)
+        open_run_tracker(out, cfg, "gmm25", resume=True)
     message = str(err.value)
     assert "MLflow at sqlite:" in message and "0" * 32 in message and "\n" not in message
 
