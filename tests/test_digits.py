@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "pipelines" / "configs" / "digits_even_smoke.yaml"
 
 
-def rtb_ray(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+def rtb_ray(*args: str, env: dict, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "rtb_ray.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
