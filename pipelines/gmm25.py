@@ -69,7 +69,7 @@ def analytic_metrics(x: Tensor) -> dict[str, float]:
 
 
 class PretrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     steps: int = Field(12_000, ge=1)
     batch_size: int = Field(4096, ge=1)
     lr: float = Field(2e-3, gt=0)

@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "logw = β log r + Σ log p_prior − Σ log p_φ to an .npz file.")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--n", type=int, default=10_000, help="number of samples (default 10000)")
-    p.add_argument("--out", type=Path, required=True, help="output .npz file")
+    p.add_argument("--out", type=Path, required=True, help="output file (.npz is added when missing)")
     p.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -384,9 +384,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     log_prior = sum_log_probs(family, prior, states, cond)
     log_r = task.log_reward(states[:, -1], cond)
     logw = cfg.train.objective.beta * log_r + log_prior - log_post
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(args.out, x=states[:, -1].numpy(), logw=logw.numpy(), log_reward=log_r.numpy())
-    print(f"wrote {args.n} samples to {args.out} (step {ckpt['learner']['step']}, "
+    out = args.out if args.out.suffix == ".npz" else args.out.with_name(args.out.name + ".npz")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, x=states[:, -1].numpy(), logw=logw.numpy(), log_reward=log_r.numpy())
+    print(f"wrote {args.n} samples to {out} (step {ckpt['learner']['step']}, "
           f"mean logw {logw.mean().item():.4f})")
     return 0
 

@@ -26,7 +26,8 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and NaN are never a sensible setting (a learning rate, a share, a timeout)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ExploreConfig(Strict):
@@ -238,7 +239,7 @@ class RunConfig(Strict):
     """One experiment. ``task`` holds the task's own settings (validated by the task)."""
 
     task: Any
-    seed: int = 0
+    seed: int = Field(0, strict=True)  # `seed: true` is a mistake, not 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int | None = Field(None, ge=1, description="default: the CPUs available")
     train: TrainConfig = TrainConfig()
@@ -329,14 +330,39 @@ def validate_config(data: dict[str, Any]) -> RunConfig:
         raise ConfigError(_format_error(err)) from None
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of YAML; anything larger is not one
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (YAML would keep the last silently,
+    e.g. a whole second ``task:`` section replacing the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    if not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: not a config file (a regular YAML file of at most "
+                          f"{MAX_CONFIG_BYTES >> 10} KiB)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot be read ({err})") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return validate_config(apply_overrides(data, overrides or []))

@@ -113,7 +113,7 @@ class PriorCheckpointConfig(BaseModel):
     file in the cache named by a hash of the spec, so changing a setting never reuses a prior
     made with another."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf is never a setting
     prior_checkpoint: str | None = Field(
         None, description="default: a file named by the prior's settings in the cache folder"
     )

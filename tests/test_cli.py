@@ -151,6 +151,8 @@ def test_train_resume_sample_end_to_end(tmp_path, cache):
     data = np.load(npz)
     assert data["x"].shape == (123, 2) and data["logw"].shape == (123,)
     assert np.isfinite(data["logw"]).all()
+    bare = rtb_ray("sample", str(run), "--n", "5", "--out", str(tmp_path / "bare"), cache=cache)
+    assert f"to {tmp_path / 'bare.npz'} " in bare.stdout  # the file numpy wrote, named as such
 
 
 @pytest.mark.parametrize("content,expected", [
@@ -184,3 +186,54 @@ def test_scale_refuses_bad_counts_before_joining(tmp_path):
         proc = rtb_ray("scale", str(tmp_path), *args, cache=tmp_path)
         assert proc.returncode == 2 and expected in proc.stderr, (args, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+BAD_CONFIG_FILES = {
+    "duplicate_key.yaml": ("task: {name: gmm25}\nseed: 1\ntask: {name: digits}\n",
+                           "duplicate key 'task'"),
+    "bool_seed.yaml": ("task: {name: gmm25}\nseed: true\n", "seed: Input should be a valid integer"),
+    "deep.yaml": ("[" * 20_000 + "]" * 20_000 + "\n", "nested too deeply"),
+    "huge.yaml": ("# " + "x" * (2 << 20) + "\n", "not a config file"),
+}
+
+
+@pytest.mark.parametrize("name", [*BAD_CONFIG_FILES, "a_directory", "/dev/zero"])
+def test_a_bad_config_file_is_one_clear_line(tmp_path, name):
+    path = Path(name) if name.startswith("/") else tmp_path / name
+    if name == "a_directory":
+        path.mkdir()
+        expected = "not a config file"
+    elif name in BAD_CONFIG_FILES:
+        text, expected = BAD_CONFIG_FILES[name]
+        path.write_text(text)
+    else:
+        expected = "not a config file"
+    proc = rtb_ray("train", str(path), "--in-process", "--output", str(tmp_path / "run"),
+                   cache=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and expected in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override", [
+    "train.lr=.inf", "train.objective.beta=.inf", "runtime.worker_num_cpus=.inf",
+    "train.explore.start=.inf", "task.sigma=.inf", "train.objective.log_reward_floor=.nan",
+    "train.sources={posterior: .nan}",
+])
+def test_non_finite_settings_are_refused(tmp_path, override):
+    proc = rtb_ray("train", str(CONFIG), "--in-process", "--set", override, "--output",
+                   str(tmp_path / "run"), cache=tmp_path)
+    assert proc.returncode == 2 and "finite number" in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and override.split("=")[0] in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("replay.capacity=10", "min_size_to_sample (1024) must be <= capacity (10)"),
+    ("replay.segment_rows=1000000000", "segment_rows (1000000000) must be <= capacity"),
+])
+def test_a_store_that_could_never_fill_is_refused(tmp_path, override, expected):
+    proc = rtb_ray("train", str(CONFIG), "--set", override, "--output", str(tmp_path / "run"),
+                   cache=tmp_path)
+    assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
