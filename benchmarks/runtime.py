@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from actors.session import init_ray, prepare_ray  # noqa: E402
 
 prepare_ray(None)  # before anything imports Ray
-from rtb_ray.config import config_to_dict, load_config  # noqa: E402
+from rtb_ray.config import load_config  # noqa: E402
 from rtb_ray.learner import Learner  # noqa: E402
 from rtb_ray.rollout import Sampler  # noqa: E402
 from rtb_ray.tasks import make_task  # noqa: E402
