@@ -31,7 +31,7 @@ class ColumnRing:
         return n + META.itemsize
 
     def __init__(self, layout: TrajectoryLayout, capacity: int) -> None:
-        self.capacity = capacity
+        self.layout, self.capacity = layout, capacity
         self.tensors = {"states": np.empty((capacity, *layout.state_shape), layout.state_dtype)}
         if layout.cond_shape is not None:
             self.tensors["cond"] = np.empty((capacity, *layout.cond_shape), layout.cond_dtype)
@@ -55,9 +55,8 @@ class ColumnRing:
         return pieces
 
     def write(self, start: int, rows: TrajectoryColumns, **columns: np.ndarray | int) -> None:
-        """Store ``rows`` as sequence numbers ``start, start + 1, ...`` (overwriting the oldest).
-        ``columns`` replace those of ``rows`` (the store's ids and name codes; a scalar is
-        broadcast)."""
+        """Store ``rows`` as sequence numbers ``start, start + 1, ...`` (overwriting the oldest);
+        ``columns`` replace theirs (the store's ids and name codes; a scalar is broadcast)."""
         for ring_part, rows_part in self._pieces(start, start + len(rows)):
             for name, array in self.tensors.items():
                 array[ring_part] = getattr(rows, name)[rows_part]
@@ -66,16 +65,11 @@ class ColumnRing:
                 value = columns[name] if name in columns else getattr(rows, name)
                 meta[name] = value if np.isscalar(value) else value[rows_part]
 
-    def _unpack(self, tensors: dict[str, np.ndarray], meta: np.ndarray) -> dict[str, np.ndarray]:
-        return {**tensors, **{name: np.ascontiguousarray(meta[name]) for name in META.names}}
-
     def gather(self, seqs: np.ndarray) -> dict[str, np.ndarray]:
         """All columns of the given rows (copies; the small columns share one packed array)."""
-        # Sequence number s lives at s % capacity. Not take(mode="wrap"): numpy wraps each index
-        # by repeated subtraction, O(s / capacity), so a long run's gathers would slow down
-        # without bound (1.5 ms instead of 15 µs for 512 rows after 10⁸ inserts into 10⁴ slots).
-        # mode="clip" on indices already in range skips the bounds check ("raise"): ~7 % of the
-        # gather of 1 MB of random rows.
+        # Not take(mode="wrap"): numpy wraps each index by repeated subtraction, O(s / capacity),
+        # so gathers would slow down without bound (1.5 ms instead of 15 µs for 512 rows after
+        # 10⁸ inserts into 10⁴ slots). mode="clip" skips the bounds check: ~7 % of a 1 MB gather.
         slots = np.remainder(seqs, self.capacity)
         tensors = {name: array.take(slots, axis=0, mode="clip")
                    for name, array in self.tensors.items()}
@@ -86,8 +80,9 @@ class ColumnRing:
     def views(self, start: int, stop: int) -> list[dict[str, np.ndarray]]:
         """Rows [start, stop), one dict per contiguous piece: tensors are views (no copy), the
         small columns are copied out of the packed array."""
-        return [self._unpack({name: array[part] for name, array in self.tensors.items()},
-                             self.meta[part]) for part, _ in self._pieces(start, stop)]
+        return [{**{name: array[part] for name, array in self.tensors.items()},
+                 **{name: np.ascontiguousarray(self.meta[part][name]) for name in META.names}}
+                for part, _ in self._pieces(start, stop)]
 
 
 class RankIndex:
@@ -119,29 +114,19 @@ class SourceIndex:
     once, evicted rows are dropped from the front."""
 
     def __init__(self) -> None:
-        self.seqs: dict[int, np.ndarray] = {}  # source code -> buffer of sequence numbers
-        self.used: dict[int, tuple[int, int]] = {}  # source code -> live part [head, tail)
+        # source code -> (buffer of sequence numbers, its live part [head, tail))
+        self.parts: dict[int, tuple[np.ndarray, int, int]] = {}
         self.stop = 0
 
     def _append(self, code: int, seqs: np.ndarray) -> None:
-        head, tail = self.used.get(code, (0, 0))
-        buffer = self.seqs.get(code, np.empty(0, np.int64))
+        buffer, head, tail = self.parts.get(code, (np.empty(0, np.int64), 0, 0))
         if tail + len(seqs) > len(buffer):  # compact and grow (amortised O(1) per row)
             live = buffer[head:tail]
             buffer = np.empty(max(1024, 2 * (len(live) + len(seqs))), np.int64)
             buffer[: len(live)] = live
             head, tail = 0, len(live)
-            self.seqs[code] = buffer
         buffer[tail: tail + len(seqs)] = seqs
-        self.used[code] = (head, tail + len(seqs))
-
-    def _live(self, code: int, start: int) -> np.ndarray:
-        head, tail = self.used.get(code, (0, 0))
-        if code not in self.seqs:
-            return np.empty(0, np.int64)
-        head += int(np.searchsorted(self.seqs[code][head:tail], start))
-        self.used[code] = (head, tail)
-        return self.seqs[code][head:tail]
+        self.parts[code] = (buffer, head, tail + len(seqs))
 
     def rows_of(self, ring: ColumnRing, codes: tuple[int, ...], start: int, stop: int
                 ) -> np.ndarray:
@@ -152,6 +137,11 @@ class SourceIndex:
             for code in np.unique(source).tolist():
                 self._append(code, new[source == code])
         self.stop = stop
-        parts = [self._live(code, start) for code in codes]
+        parts = []
+        for code in codes:
+            buffer, head, tail = self.parts.get(code, (np.empty(0, np.int64), 0, 0))
+            head += int(np.searchsorted(buffer[head:tail], start))  # drop the evicted rows
+            self.parts[code] = (buffer, head, tail)
+            parts.append(buffer[head:tail])
         # sorted runs: the stable sort merges them in linear time
         return parts[0] if len(parts) == 1 else np.sort(np.concatenate(parts), kind="stable")

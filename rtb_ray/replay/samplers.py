@@ -1,11 +1,5 @@
 """Which stored rows a training batch is drawn from. Every sampler is deterministic given the
-numpy ``Generator`` the store passes in (the store's seed).
-
-A sampler sees the rows through ``Rows``: ``count`` rows, oldest first; ``at(i)`` maps positions
-``0..count-1`` to the store's row sequence numbers; ``ranked()`` lists the rows by decreasing
-``log_reward``; ``of_sources(codes)`` restricts to some sources. Nothing costs O(rows) unless a
-sampler asks for it (rank order, source subsets).
-"""
+numpy ``Generator`` the store passes in (the store's seed)."""
 
 from __future__ import annotations
 
@@ -20,19 +14,21 @@ from rtb_ray.trajectory import Source
 
 
 class Rows(Protocol):
+    """The ``count`` stored rows, oldest first; only rank order and source subsets cost O(rows),
+    and only when a sampler asks for them."""
+
     count: int
 
-    def at(self, positions: np.ndarray) -> np.ndarray: ...
+    def at(self, positions: np.ndarray) -> np.ndarray: ...  # 0..count-1 -> row sequence numbers
 
-    def ranked(self) -> np.ndarray: ...
+    def ranked(self) -> np.ndarray: ...  # sequence numbers by decreasing log_reward
 
-    def of_sources(self, codes: tuple[int, ...]) -> "Rows": ...
+    def of_sources(self, codes: tuple[int, ...]) -> "Rows": ...  # the rows of these sources
 
 
 class Sampler(Protocol):
     def draw(self, rows: Rows, n: int, rng: np.random.Generator) -> np.ndarray:
         """``n`` row sequence numbers, drawn with replacement."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -60,8 +56,8 @@ class Prioritised:
 
     def weights(self, count: int) -> np.ndarray:
         """Probability of each rank, for checks."""
-        w = 1.0 / (self.k * count + np.arange(count, dtype=np.float64))
-        return w / w.sum()
+        cdf = _rank_cdf(count, self.k)
+        return np.diff(cdf, prepend=0.0) / cdf[-1]
 
     def draw(self, rows: Rows, n: int, rng: np.random.Generator) -> np.ndarray:
         ranked = rows.ranked()

@@ -1,22 +1,11 @@
 """Sealed segments on disk: Arrow IPC files and a JSON manifest holding their checksums.
 
-A store directory::
-
-    _manifest.json              format, layout, next_id, and per segment: file, rows, bytes,
-                                first_id, last_id, crc32
-    _lock                       held (flock) by the store that has the directory open
-    segment-00000000.arrow      Arrow IPC file of the trajectory schema
-    .segment-00000001.arrow.tmp being written: hidden, deleted on open
-    _corrupt-segment-….arrow    failed its checksum: set aside, hidden
-
-``pyarrow.dataset`` ignores names starting with "." or "_", so
-``pyarrow.dataset.dataset(directory, format="ipc")`` sees exactly the sealed segments.
-
-Writing a segment: temporary name, crc32 computed while writing, fsync, rename, fsync of the
-directory; then the manifest the same way. A crash at any point leaves either no file under a
-segment name or a complete one; a complete segment that the manifest does not list yet (a crash
-between the two renames) is read back in full on open and adopted if it is a valid file of the
-store's layout, else set aside.
+The directory's files are listed in docs/REPLAY.md ("On disk"). Every file is written to a hidden
+temporary name (crc32 computed while writing), fsynced, renamed, and the directory fsynced; a
+segment before the manifest that lists it. A crash thus leaves either no file under a segment
+name or a complete one; a complete one the manifest does not list yet is read back in full on
+open and adopted if it is a valid file of the store's layout, else set aside. Names starting
+with "." or "_" are ignored by ``pyarrow.dataset``: a scan sees exactly the sealed segments.
 """
 
 from __future__ import annotations
@@ -76,14 +65,6 @@ class _Crc32Writer:
         self.closed = True  # the owner closes the real file
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomically(path: Path, write) -> int:
     """``write(file)`` to a hidden temporary name, fsync, rename onto ``path``; returns crc32."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -93,7 +74,11 @@ def _write_atomically(path: Path, write) -> int:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fd = os.open(path.parent, os.O_RDONLY)  # the rename is durable once the directory is synced
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return sink.crc32
 
 
@@ -106,11 +91,10 @@ class SegmentDirectory:
         self._lock_file = open(self.path / LOCK, "a")
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_file.close()
-            raise RuntimeError(f"{self.path} is already open in another replay store") from None
-        try:
             self._recover(layout)
+        except BlockingIOError:
+            self.close()
+            raise RuntimeError(f"{self.path} is already open in another replay store") from None
         except BaseException:
             self.close()
             raise
@@ -122,8 +106,7 @@ class SegmentDirectory:
     def _recover(self, layout: TrajectoryLayout | None) -> None:
         self.layout = layout
         self.segments: list[Segment] = []
-        self.next_id = 0
-        self.next_segment = 0
+        self.next_id = self.next_segment = 0  # continued from the manifest and the files
         self.corrupt = 0  # segments set aside since this directory was opened
         for leftover in self.path.glob(".*.tmp"):  # a crash mid-write: never visible, drop
             leftover.unlink()
@@ -132,7 +115,7 @@ class SegmentDirectory:
             self._load_manifest(json.loads(manifest.read_text()), layout)
         changed = self._adopt_orphans()
         for segment in [s for s in self.segments if not (self.path / s.file).exists()]:
-            self._drop(segment, "is listed in the manifest but missing")
+            self._set_aside(segment.file, "is listed in the manifest but missing")
             changed = True
         if changed:
             self.write_manifest()
@@ -173,18 +156,21 @@ class SegmentDirectory:
 
         def write_ipc(f) -> None:
             with pa.ipc.new_file(pa.PythonFile(f, mode="w"), schema) as writer:
-                for batch in batches:
-                    writer.write_batch(batch)
+                writer.write_table(pa.Table.from_batches(batches, schema))
 
         crc = _write_atomically(self.path / name, write_ipc)
-        ids = [b.column("id") for b in batches]
-        segment = Segment(file=name, rows=sum(b.num_rows for b in batches),
-                          bytes=(self.path / name).stat().st_size, first_id=ids[0][0].as_py(),
-                          last_id=ids[-1][-1].as_py(), crc32=crc)
-        self.segments.append(segment)
+        segment = self._list(name, pa.chunked_array([b.column("id") for b in batches]), crc)
         self.next_segment += 1
-        self.next_id = max(self.next_id, next_id, segment.last_id + 1)
+        self.next_id = max(self.next_id, next_id)
         self.write_manifest()
+        return segment
+
+    def _list(self, file: str, ids: pa.ChunkedArray, crc: int) -> Segment:
+        """Add a sealed file (rows with ids ``ids``) to the segments; ids continue after it."""
+        segment = Segment(file, len(ids), (self.path / file).stat().st_size, ids[0].as_py(),
+                          ids[-1].as_py(), crc)
+        self.segments.append(segment)
+        self.next_id = max(self.next_id, segment.last_id + 1)
         return segment
 
     # -- reading -------------------------------------------------------------------------------
@@ -204,8 +190,7 @@ class SegmentDirectory:
             if table.num_rows != segment.rows:
                 raise ValueError(f"{table.num_rows} rows, manifest says {segment.rows}")
         except (OSError, pa.ArrowException, ValueError) as e:
-            self._set_aside(segment.file, str(e))
-            self.segments.remove(segment)
+            self._set_aside(segment.file, f"is corrupt ({e})")
             self.write_manifest()
             return None
         return table
@@ -223,7 +208,7 @@ class SegmentDirectory:
         orphans = sorted(p.name for p in self.path.iterdir()
                          if _SEGMENT_NAME.fullmatch(p.name) and p.name not in listed)
         for file in orphans:
-            number = int(_SEGMENT_NAME.fullmatch(file).group(1))
+            number = int(_SEGMENT_NAME.fullmatch(file)[1])
             self.next_segment = max(self.next_segment, number + 1)  # never reuse a name
             try:
                 data, crc = self._read(file)
@@ -236,25 +221,19 @@ class SegmentDirectory:
                 if self.layout is None:
                     self.layout = TrajectoryLayout.from_schema(table.schema)
             except (OSError, pa.ArrowException, ValueError) as e:
-                self._set_aside(file, str(e))
+                self._set_aside(file, f"is corrupt ({e})")
                 continue
-            ids = table.column("id")
-            self.segments.append(Segment(file, table.num_rows, (self.path / file).stat().st_size,
-                                         ids[0].as_py(), ids[-1].as_py(), crc))
-            self.next_id = max(self.next_id, ids[-1].as_py() + 1)
+            self._list(file, table.column("id"), crc)
         return bool(orphans)
 
     def _set_aside(self, file: str, reason: str) -> None:
-        path = self.path / file
-        aside = path.with_name(f"_corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{file}")
+        """Skip a bad segment for good: unlist it, move its file (if any) aside, warn."""
+        self.segments = [s for s in self.segments if s.file != file]
+        self.corrupt += 1
+        path, moved = self.path / file, ""
         if path.exists():
+            aside = path.with_name(f"_corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{file}")
             os.replace(path, aside)
-        self.corrupt += 1
-        warnings.warn(f"replay segment {path} is corrupt ({reason}): skipped, moved to "
-                      f"{aside.name}", CorruptSegmentWarning, stacklevel=3)
-
-    def _drop(self, segment: Segment, reason: str) -> None:
-        self.segments.remove(segment)
-        self.corrupt += 1
-        warnings.warn(f"replay segment {self.path / segment.file} {reason}: skipped",
-                      CorruptSegmentWarning, stacklevel=3)
+            moved = f", moved to {aside.name}"
+        warnings.warn(f"replay segment {path} {reason}: skipped{moved}", CorruptSegmentWarning,
+                      stacklevel=3)

@@ -1,12 +1,9 @@
 """The replay store: every rollout lands here and every gradient comes from here.
 
-In memory, rows live in a ring of preallocated numpy columns (ring.py): bounded by
-``capacity_trajectories`` and ``capacity_bytes``, oldest evicted first. With a directory, a
-background thread seals every ``segment_rows`` rows into an Arrow IPC segment (segments.py) and
-the store never overwrites a row before it is on disk; reopening the directory reloads the newest
-rows up to capacity and continues the ids. Inserts and samples are paced by a rate limiter
-(rate_limiter.py) and drawn by a sampler (samplers.py). One lock guards the state; the work done
-under it is the copy in, the index draw and the gather out.
+Rows live in a bounded ring of numpy columns (ring.py), oldest evicted first. With a directory,
+a background thread seals them into Arrow segments (segments.py) and no row is overwritten before
+it is on disk, so reopening the directory gives back the newest rows and continues the ids. One
+lock guards the state; only the copy in, the index draw and the gather out run under it.
 
 Bad input (docs/REPLAY.md):
 
@@ -47,6 +44,9 @@ from rtb_ray.trajectory import (
 )
 
 DEFAULT_SEGMENT_BYTES = 64 << 20
+COUNTERS = ("inserted", "sampled", "sampled_other", "evicted", "loaded", "rejected_batches",
+            "quarantined_rows", "throttled_inserts", "sample_timeouts", "sealed_segments",
+            "sealed_rows", "sealed_bytes", "seal_seconds")
 
 
 class InsertStatus(str, Enum):
@@ -79,25 +79,13 @@ class SampleTimeout(TimeoutError):
     """Too little data to sample (or the writers lag the target ratio) until the timeout."""
 
 
-class _Names:
-    """The store-wide dictionary of run / worker names."""
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-        self._codes: dict[str, int] = {}
-
-    def codes(self, names: list[str]) -> np.ndarray:
-        """Store codes of ``names`` (a batch's dictionary), adding the new ones."""
-        for name in names:
-            if name not in self._codes:
-                self._codes[name] = len(self.names)
-                self.names.append(name)
-        return np.array([self._codes[name] for name in names], np.int32)
+class _Names(dict[str, int]):
+    """The store-wide dictionary of run / worker names: name -> code, in order of arrival."""
 
     def recode(self, codes: np.ndarray, names: list[str]) -> np.ndarray | int:
-        """A batch's codes (into its ``names``) as store codes: one int for a one-name batch
-        (the usual case: one run, one worker), which the ring broadcasts."""
-        store_codes = self.codes(names)
+        """A batch's codes (into its ``names``) as store codes, adding the new names: one int for
+        a one-name batch (the usual case: one run, one worker), which the ring broadcasts."""
+        store_codes = np.array([self.setdefault(name, len(self)) for name in names], np.int32)
         return int(store_codes[0]) if len(names) == 1 else store_codes[codes]
 
 
@@ -155,52 +143,33 @@ class ReplayStore:
             raise ValueError(f"segment_rows must be >= 1 (got {segment_rows})")
         self.run = run
         self.sampler = sampler or Uniform()
-        self._capacity_trajectories = capacity_trajectories
-        self._capacity_bytes = capacity_bytes
+        self._capacity_trajectories, self._capacity_bytes = capacity_trajectories, capacity_bytes
         self._segment_rows_wanted = segment_rows
         self._limiter = RateLimiter(samples_per_insert, error_buffer, min_size_to_sample)
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # any change of sizes, counters, state
-        self._layout: TrajectoryLayout | None = None
+        self._counters: dict[str, float] = dict.fromkeys(COUNTERS, 0)
+        # the rows: _allocate sets the ring and the sizes that follow from it (layout known)
         self._ring: ColumnRing | None = None
-        self._ranks = RankIndex()
-        self._sources = SourceIndex()
+        self._segment_rows = self._max_batch_rows = 0
+        self._ranks, self._sources = RankIndex(), SourceIndex()
         self._runs, self._workers = _Names(), _Names()
         self._start = self._stop = 0  # the rows held have sequence numbers [start, stop)
-        self._sealed = 0  # rows below this sequence number are on disk
-        self._flush_to = 0
         self._next_id = 0
-        self._closing = False
-        self._seal_error: BaseException | None = None
-        self._quarantine: deque[pa.RecordBatch] = deque()
-        self._quarantine_capacity = quarantine_capacity
-        self._counters = dict.fromkeys(
-            ["inserted", "sampled", "sampled_other", "evicted", "loaded", "rejected_batches", "quarantined_rows",
-             "throttled_inserts", "sample_timeouts", "sealed_segments", "sealed_rows",
-             "sealed_bytes"], 0)
-        self._seal_seconds = 0.0
-
+        # quarantined rows as one-row batches: maxlen keeps the newest quarantine_capacity
+        self._quarantine: deque[pa.RecordBatch] = deque(maxlen=quarantine_capacity)
+        # the disk: _open sets the directory and starts the sealer thread
         self._disk: SegmentDirectory | None = None
         self._disk_lock = threading.Lock()  # the manifest has one writer at a time
-        self._sealer: threading.Thread | None = None
+        self._sealed = 0  # rows below this sequence number are on disk
+        self._flush_to = 0
+        self._closing = False
+        self._seal_error: BaseException | None = None
         if directory is not None:
-            self._disk = SegmentDirectory(directory, layout)
-            layout = self._disk.layout
-            self._next_id = self._disk.next_id
-        try:
-            if layout is not None:
-                self._allocate(layout)
-                if self._disk is not None:
-                    self._load()
-        except BaseException:
-            if self._disk is not None:
-                self._disk.close()  # release the directory
-            raise
-        if self._disk is not None:
-            self._sealer = threading.Thread(target=self._seal_loop, name="replay-sealer",
-                                            daemon=True)
-            self._sealer.start()
+            self._open(directory, layout)
+        elif layout is not None:
+            self._allocate(layout)
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
@@ -209,7 +178,7 @@ class ReplayStore:
 
     @property
     def layout(self) -> TrajectoryLayout | None:
-        return self._layout
+        return None if self._ring is None else self._ring.layout
 
     @property
     def capacity(self) -> int | None:
@@ -236,8 +205,21 @@ class ReplayStore:
         self._segment_rows = segment_rows
         # with a directory, unsealed rows (< segment_rows) may not be overwritten
         self._max_batch_rows = rows if self._disk is None else rows - segment_rows + 1
-        self._layout = layout
         self._ring = ColumnRing(layout, rows)
+
+    def _open(self, directory: str | Path, layout: TrajectoryLayout | None) -> None:
+        """Open (or create) the store directory, reload its rows and start the sealer."""
+        self._disk = SegmentDirectory(directory, layout)
+        self._next_id = self._disk.next_id
+        try:
+            if self._disk.layout is not None:
+                self._allocate(self._disk.layout)
+                self._load()
+        except BaseException:
+            self._disk.close()  # release the directory
+            raise
+        self._sealer = threading.Thread(target=self._seal_loop, name="replay-sealer", daemon=True)
+        self._sealer.start()
 
     def _load(self) -> None:
         """Reload the newest sealed rows, up to capacity (checksums verified)."""
@@ -254,19 +236,14 @@ class ReplayStore:
         table = pa.concat_tables(tables[::-1])
         table = table.slice(max(0, table.num_rows - self._ring.capacity))
         for batch in table.to_batches():
-            self._write(columns_from_arrow(batch, self._layout))
+            self._write(columns_from_arrow(batch, self.layout))
         self._sealed = self._stop
         self._counters["loaded"] = self._stop
         self._limiter.warm_start(self.size)
 
     # -- insert --------------------------------------------------------------------------------
-    def insert(
-        self,
-        batch: TrajectoryBatch | pa.RecordBatch | pa.Table,
-        *,
-        worker: str = "",
-        timeout: float | None = None,
-    ) -> InsertResult:
+    def insert(self, batch: TrajectoryBatch | pa.RecordBatch | pa.Table, *, worker: str = "",
+               timeout: float | None = None) -> InsertResult:
         """Insert trajectories; waits (up to ``timeout`` seconds, None: no limit) while the rate
         limiter or the sealing of segments holds writers back, then returns THROTTLED. Arrow
         input carries its own run and worker; ids are always assigned by the store."""
@@ -286,7 +263,10 @@ class ReplayStore:
         with self._lock:
             self._check_open()
             try:
-                self._accept_layout(rows)
+                if self._ring is None:  # the first batch fixes the layout
+                    self._allocate(rows.layout)
+                elif not self._ring.holds(rows):  # the full check only to name what differs
+                    self.layout.check(rows.layout)
             except ValueError as e:
                 return self._reject(str(e))
             if len(good) > self._max_batch_rows:
@@ -314,15 +294,9 @@ class ReplayStore:
         if isinstance(batch, TrajectoryBatch):
             return columns_from_batch(batch, run=self.run, worker=worker)
         if isinstance(batch, (pa.RecordBatch, pa.Table)):
-            return columns_from_arrow(as_record_batch(batch), self._layout)
+            return columns_from_arrow(as_record_batch(batch), self.layout)
         raise ValueError(f"expected a TrajectoryBatch or a pyarrow RecordBatch/Table, "
                          f"got {type(batch).__name__}")
-
-    def _accept_layout(self, rows: TrajectoryColumns) -> None:
-        if self._layout is None:  # the first batch fixes the layout
-            self._allocate(rows.layout)
-        elif not self._ring.holds(rows):  # the full check only to name what differs
-            self._layout.check(rows.layout)
 
     def _reject(self, reason: str) -> InsertResult:
         self._counters["rejected_batches"] += 1
@@ -356,13 +330,9 @@ class ReplayStore:
 
     def _keep_aside(self, rows: TrajectoryColumns) -> None:
         self._counters["quarantined_rows"] += len(rows)
-        self._quarantine.append(rows.to_arrow())
-        excess = sum(b.num_rows for b in self._quarantine) - self._quarantine_capacity
-        while excess > 0:
-            oldest = self._quarantine.popleft()
-            if oldest.num_rows > excess:
-                self._quarantine.appendleft(oldest.slice(excess))
-            excess -= oldest.num_rows
+        batch = rows.to_arrow()
+        first = max(0, batch.num_rows - self._quarantine.maxlen)  # older ones would drop out
+        self._quarantine.extend(batch.slice(i, 1) for i in range(first, batch.num_rows))
 
     def quarantined(self) -> pa.Table:
         """The newest quarantined rows (non-finite log_reward / log_prior / log_behaviour)."""
@@ -371,25 +341,18 @@ class ReplayStore:
         return pa.Table.from_batches(batches) if batches else pa.table({})
 
     # -- sample --------------------------------------------------------------------------------
-    def sample(
-        self, n: int, *, sampler: Sampler | None = None, timeout: float | None = None,
-        rate_limited: bool = True,
-    ) -> TrajectoryBatch:
+    def sample(self, n: int, *, sampler: Sampler | None = None, timeout: float | None = None,
+               rate_limited: bool = True) -> TrajectoryBatch:
         """``n`` trajectories drawn with replacement (ids in ``extras["id"]``); waits up to
-        ``timeout`` seconds (None: no limit) while the store holds fewer than
-        ``min_size_to_sample`` rows or the writers lag the target ratio, then raises
-        SampleTimeout. ``rate_limited=False`` is for readers other than the learner (backward
-        rollout workers): they wait only for one row, and neither count toward the
-        samples-per-insert ratio nor are held back by it."""
+        ``timeout`` seconds (None: no limit) for the rate limiter, then raises SampleTimeout.
+        ``rate_limited=False``, for readers other than the learner (backward rollouts): wait only
+        for one row, neither count toward the samples-per-insert ratio nor are held back by it."""
         if n < 1:
             raise ValueError(f"n must be >= 1 (got {n})")
         sampler = sampler or self.sampler
+        can_sample = self._limiter.can_sample if rate_limited else (lambda size: size > 0)
         with self._lock:
-            if rate_limited:
-                ready = lambda: self._closing or self._limiter.can_sample(self.size)  # noqa: E731
-            else:
-                ready = lambda: self._closing or self.size > 0  # noqa: E731
-            if not self._changed.wait_for(ready, timeout):
+            if not self._changed.wait_for(lambda: self._closing or can_sample(self.size), timeout):
                 self._counters["sample_timeouts"] += 1
                 why = (self._limiter.why_not_sample(self.size) if rate_limited
                        else "the store is empty")
@@ -398,9 +361,7 @@ class ReplayStore:
             arrays = self._ring.gather(sampler.draw(_StoreRows(self), n, self._rng))
             if rate_limited:
                 self._limiter.on_sample(n)
-                self._counters["sampled"] += n
-            else:
-                self._counters["sampled_other"] += n
+            self._counters["sampled" if rate_limited else "sampled_other"] += n
             self._changed.notify_all()
         return self._as_columns(arrays).to_batch()
 
@@ -413,18 +374,16 @@ class ReplayStore:
         return pa.Table.from_batches([rows.to_arrow()])
 
     def _as_columns(self, arrays: dict[str, np.ndarray]) -> TrajectoryColumns:
-        return TrajectoryColumns(**{"cond": None, **arrays}, run_names=list(self._runs.names),
-                                 worker_names=list(self._workers.names))
+        return TrajectoryColumns(**{"cond": None, **arrays}, run_names=list(self._runs),
+                                 worker_names=list(self._workers))
 
     # -- sealing -------------------------------------------------------------------------------
     def _seal_range(self) -> tuple[int, int] | None:
+        """The next rows to seal: a full segment, or on flush/close what is pending."""
         pending = self._stop - self._sealed
-        if pending == 0:
-            return None
-        if pending >= self._segment_rows:
-            return self._sealed, self._sealed + self._segment_rows
-        if self._closing or self._flush_to > self._sealed:
-            return self._sealed, self._stop
+        partial = self._closing or self._flush_to > self._sealed
+        if pending and (pending >= self._segment_rows or partial):
+            return self._sealed, self._sealed + min(pending, self._segment_rows)
         return None
 
     def _seal_loop(self) -> None:
@@ -449,7 +408,7 @@ class ReplayStore:
                 return
             with self._lock:
                 self._sealed = span[1]
-                self._seal_seconds += time.perf_counter() - t0
+                self._counters["seal_seconds"] += time.perf_counter() - t0
                 self._counters["sealed_segments"] += 1
                 self._counters["sealed_rows"] += segment.rows
                 self._counters["sealed_bytes"] += segment.bytes
@@ -469,8 +428,8 @@ class ReplayStore:
             return done
 
     def verify_segments(self) -> int:
-        """Check every segment on disk (open only checks those it reloads); corrupt ones are
-        set aside with a warning. Returns how many were corrupt."""
+        """Check every segment on disk (open checks only those it reloads); sets aside and counts
+        the corrupt ones."""
         if self._disk is None:
             return 0
         with self._disk_lock:
@@ -487,21 +446,14 @@ class ReplayStore:
         with self._lock:
             self._closing = True
             self._changed.notify_all()
-        if self._sealer is not None:
-            self._sealer.join()
         if self._disk is not None:
+            self._sealer.join()
             self._disk.close()
-
-    def __enter__(self) -> "ReplayStore":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- counters ------------------------------------------------------------------------------
     def stats(self) -> dict[str, float | int]:
         with self._lock:
-            row_nbytes = 0 if self._layout is None else ColumnRing.row_nbytes(self._layout)
+            row_nbytes = 0 if self._ring is None else ColumnRing.row_nbytes(self.layout)
             inserted = self._counters["inserted"]
             return {
                 **self._counters,
@@ -510,7 +462,6 @@ class ReplayStore:
                 "nbytes": self.size * row_nbytes,
                 "capacity_bytes": (self.capacity or 0) * row_nbytes,
                 "unsealed_rows": self._stop - self._sealed if self._disk is not None else 0,
-                "seal_seconds": self._seal_seconds,
                 "corrupt_segments": 0 if self._disk is None else self._disk.corrupt,
                 "next_id": self._next_id,
                 "samples_per_insert": self._counters["sampled"] / inserted if inserted else 0.0,
