@@ -174,7 +174,6 @@ class RunDir:
         if self.tracker is None:
             return
         counters = self.tracker.close(status)
-        if counters.dropped or counters.failed or counters.artifacts_failed:
-            print(f"rtb-ray: warning: MLflow dropped {counters.dropped} and failed to write "
-                  f"{counters.failed} metric points, {counters.artifacts_failed} artifacts "
-                  f"(last error: {self.tracker.last_error})")
+        if counters.failed or counters.artifacts_failed:
+            print(f"rtb-ray: warning: MLflow failed to write {counters.failed} metric points, "
+                  f"{counters.artifacts_failed} artifacts (last error: {self.tracker.last_error})")

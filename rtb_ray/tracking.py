@@ -1,11 +1,11 @@
 """MLflow tracking: one MLflow run per training run, written without stalling the training loop.
 
 ``MlflowTracker`` owns one MLflow run: it creates it, or continues it by id when a training run
-resumes. Params and tags are written when the run opens and the final model when it ends (both
-synchronous, off the hot path). Metrics and artifact uploads go through a queue that one
-background thread drains with ``client.log_batch`` (up to 1000 points a request), so
-``log_metrics`` and ``log_artifact`` only append and return. The metric queue is bounded: when
-MLflow cannot keep up, the oldest points are dropped and counted rather than memory growing.
+resumes. Params and tags are written when the run opens, artifacts when they are logged (a few
+files per evaluation) and the final model when the run ends, all synchronously. Metrics go
+through MLflow's own asynchronous logging (``log_batch(..., synchronous=False)``), so
+``log_metrics`` only hands them over and returns; the tracker keeps MLflow's futures and counts
+what was written or failed when ``flush`` or ``close`` waits on them.
 
 Everything goes through an explicit ``MlflowClient`` (no global fluent state), so several
 trackers coexist in one process; a Ray ``Tracker`` actor can host one as it is. Ray is never
@@ -19,6 +19,7 @@ continues the same MLflow run.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import copy
 import getpass
 import importlib.metadata
@@ -41,6 +42,7 @@ from rtb_ray.config import ConfigError, RunConfig, config_to_dict
 
 if TYPE_CHECKING:
     import torch
+    from mlflow.utils.async_logging.run_operations import RunOperations
 
 RUN_FILE = "mlflow_run.json"
 # MLflow's own limits (mlflow.utils.validation): values past them are rejected, not cut.
@@ -61,7 +63,6 @@ class TrackingError(ValueError):
 @dataclass
 class TrackerCounters:
     metrics_logged: int = 0  # points written to MLflow
-    dropped: int = 0  # oldest points dropped because the queue was full
     skipped_non_finite: int = 0  # NaN / ±inf values, never sent
     failed: int = 0  # points lost to MLflow errors
     artifacts_logged: int = 0
@@ -166,18 +167,21 @@ def _one_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
+def _futures(ops: RunOperations) -> list[concurrent.futures.Future[None]]:
+    # RunOperations offers only a blocking wait(); its futures also say "done yet?" and "why not"
+    return ops._operation_futures
+
+
 # -- the tracker -------------------------------------------------------------------------------
 class MlflowTracker:
     """One MLflow run. ``run_id=None`` creates a run in ``experiment`` (creating the experiment
     if needed); a ``run_id`` continues that run (its experiment is kept)."""
 
     def __init__(self, tracking_uri: str, experiment: str, *, run_name: str | None = None,
-                 run_id: str | None = None, queue_size: int = 100_000,
-                 batch_wait_s: float = 0.5) -> None:
+                 run_id: str | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri
-        self.batch_wait_s = batch_wait_s
         if (db := sqlite_path(tracking_uri)) is not None:
             db.parent.mkdir(parents=True, exist_ok=True)  # SQLite makes the file, not the folder
         self._client = MlflowClient(tracking_uri)
@@ -201,18 +205,12 @@ class MlflowTracker:
         self.resumed = run_id is not None
 
         self._counters = TrackerCounters()
-        self._points: collections.deque[tuple[str, float, int, int]] = collections.deque(
-            maxlen=queue_size)
-        self._artifacts: collections.deque[tuple[Path, str | None]] = collections.deque()
-        self._cond = threading.Condition()
-        self._io_lock = threading.Lock()  # one MLflow call at a time (SQLite has one writer)
-        self._busy = False
-        self._flush_waiters = 0
-        self._stopping = False
+        # MLflow's futures of the metric batches not yet counted, oldest first, with their sizes
+        self._pending: collections.deque[tuple[RunOperations, int]] = collections.deque()
+        self._lock = threading.Lock()  # log_metrics and counters() may run on different threads
+        self._closing = False
         self._closed = False
         self.last_error: str | None = None
-        self._thread = threading.Thread(target=self._drain, name="mlflow-tracker", daemon=True)
-        self._thread.start()
 
     def _experiment_id(self, name: str) -> str:
         from mlflow.exceptions import MlflowException
@@ -240,9 +238,8 @@ class MlflowTracker:
         from mlflow.entities import RunTag
 
         items = [RunTag(k, truncate(str(v), MAX_TAG_VALUE)) for k, v in tags.items()]
-        with self._io_lock:
-            for i in range(0, len(items), PARAMS_TAGS_PER_BATCH):
-                self._client.log_batch(self.run_id, tags=items[i : i + PARAMS_TAGS_PER_BATCH])
+        for i in range(0, len(items), PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(self.run_id, tags=items[i : i + PARAMS_TAGS_PER_BATCH])
 
     def log_params(self, params: Mapping[str, Any]) -> list[str]:
         """Log params (nested mappings are flattened to dotted keys). MLflow never changes a
@@ -251,139 +248,95 @@ class MlflowTracker:
         from mlflow.entities import Param
 
         flat = flatten_params(params)
-        with self._io_lock:
-            existing = self._client.get_run(self.run_id).data.params if self.resumed else {}
+        existing = self._client.get_run(self.run_id).data.params if self.resumed else {}
         new = [Param(k, v) for k, v in flat.items() if k not in existing]
         changed = {k: v for k, v in flat.items() if k in existing and existing[k] != v}
-        with self._io_lock:
-            for i in range(0, len(new), PARAMS_TAGS_PER_BATCH):
-                self._client.log_batch(self.run_id, params=new[i : i + PARAMS_TAGS_PER_BATCH])
+        for i in range(0, len(new), PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=new[i : i + PARAMS_TAGS_PER_BATCH])
         if changed:
             self.set_tags({f"changed_on_resume.{k}": v for k, v in changed.items()})
         return sorted(changed)
 
-    # -- asynchronous: the hot path -----------------------------------------------------------
+    # -- the hot path -------------------------------------------------------------------------
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Queue metric values at ``step`` and return; non-finite values are skipped and
-        counted. If the queue is full the oldest queued points are dropped (and counted)."""
+        """Hand metric values at ``step`` to MLflow's asynchronous logging and return; non-finite
+        values are skipped and counted. Write errors are counted once the batch completes."""
+        from mlflow.entities import Metric
+
         now_ms = int(time.time() * 1000)
-        points, skipped = [], 0
-        for key, value in metrics.items():
-            value = float(value)
-            if math.isfinite(value):
-                points.append((key, value, now_ms, int(step)))
-            else:
-                skipped += 1
-        with self._cond:
+        values = {key: float(value) for key, value in metrics.items()}
+        points = [Metric(k, v, now_ms, int(step)) for k, v in values.items() if math.isfinite(v)]
+        with self._lock:
             self._check_open()
-            self._counters.skipped_non_finite += skipped
-            assert self._points.maxlen is not None
-            self._counters.dropped += max(0, len(self._points) + len(points) - self._points.maxlen)
-            self._points.extend(points)  # a deque with maxlen drops from the old end
-            self._cond.notify_all()
+            self._counters.skipped_non_finite += len(values) - len(points)
+            self._settle()
+            # one request per chunk, so that a failed request stands for a known number of points
+            for i in range(0, len(points), METRICS_PER_BATCH):
+                chunk = points[i : i + METRICS_PER_BATCH]
+                ops = self._client.log_batch(self.run_id, metrics=chunk, synchronous=False)
+                self._pending.append((ops, len(chunk)))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """Queue a file upload (to ``artifact_path/<name>`` in the run) and return. The file is
-        read when it is uploaded: replace it atomically if it changes later."""
+        """Upload a file to ``artifact_path/<name>`` in the run, now (a local store copies it in
+        milliseconds). MLflow errors are counted and logged, never raised into the loop."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"artifact {path} does not exist")
-        with self._cond:
-            self._check_open()
-            self._artifacts.append((path, artifact_path))
-            self._cond.notify_all()
+        self._check_open()
+        try:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+        except Exception as err:
+            with self._lock:
+                self._counters.artifacts_failed += 1
+                self.last_error = _one_line(err)
+            logger.warning("MLflow log_artifact %s failed: %s", path.name, self.last_error)
+            return
+        with self._lock:
+            self._counters.artifacts_logged += 1
 
     def _check_open(self) -> None:
-        if self._stopping:
+        if self._closing:
             raise RuntimeError(f"MLflow tracker of run {self.run_id} is closed")
 
-    def _pending(self) -> bool:
-        return bool(self._points or self._artifacts)
-
-    def _drain(self) -> None:
-        """The background thread: write queued points in batches, then queued artifacts."""
-        from mlflow.entities import Metric
-
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._pending() or self._stopping)
-                if not self._pending():
-                    return  # stopping, and everything is written
-                # linger briefly so that points logged close together share one request
-                self._cond.wait_for(
-                    lambda: self._artifacts or self._stopping or self._flush_waiters > 0
-                    or len(self._points) >= METRICS_PER_BATCH,
-                    timeout=self.batch_wait_s,
-                )
-                batch = [self._points.popleft()
-                         for _ in range(min(len(self._points), METRICS_PER_BATCH))]
-                artifact = self._artifacts.popleft() if not batch else None
-                self._busy = True
-            try:
-                with self._io_lock:
-                    if batch:
-                        self._client.log_batch(self.run_id, metrics=[
-                            Metric(key, value, ts, step) for key, value, ts, step in batch])
-                    elif artifact is not None:
-                        self._client.log_artifact(self.run_id, str(artifact[0]), artifact[1])
-                ok = True
-            except Exception as err:  # never let MLflow kill the thread: count and go on
-                ok = False
-                self.last_error = _one_line(err)
-                logger.warning("MLflow %s failed: %s", "log_batch" if batch else "log_artifact",
-                               self.last_error)
-            with self._cond:
-                if batch:
-                    if ok:
-                        self._counters.metrics_logged += len(batch)
-                    else:
-                        self._counters.failed += len(batch)
-                elif ok:
-                    self._counters.artifacts_logged += 1
-                else:
-                    self._counters.artifacts_failed += 1
-                self._busy = False
-                self._cond.notify_all()
-
-    @property
-    def queued(self) -> int:
-        """Metric points and artifacts not yet written."""
-        with self._cond:
-            return len(self._points) + len(self._artifacts) + int(self._busy)
+    def _settle(self) -> None:
+        """Count the finished requests at the front of the pending ones (with the lock held)."""
+        while self._pending and all(f.done() for f in _futures(self._pending[0][0])):
+            ops, points = self._pending.popleft()
+            errors = [e for f in _futures(ops) if (e := f.exception()) is not None]
+            if errors:  # MLflow has logged the error already
+                self._counters.failed += points
+                self.last_error = _one_line(errors[0])
+            else:
+                self._counters.metrics_logged += points
 
     def counters(self) -> TrackerCounters:
-        with self._cond:
+        with self._lock:
+            self._settle()
             return replace(self._counters)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything queued so far is written. False if ``timeout`` ran out."""
-        with self._cond:
-            self._flush_waiters += 1
-            self._cond.notify_all()
-            try:
-                return self._cond.wait_for(lambda: not self._pending() and not self._busy,
-                                           timeout=timeout)
-            finally:
-                self._flush_waiters -= 1
+        """Wait until the metrics logged so far are written, and count them (``failed``,
+        ``last_error``). False if ``timeout`` ran out."""
+        with self._lock:
+            futures = [f for ops, _ in self._pending for f in _futures(ops)]
+        drained = not concurrent.futures.wait(futures, timeout).not_done
+        with self._lock:
+            self._settle()
+        return drained
 
     def close(self, status: str = "FINISHED", timeout: float | None = 300.0) -> TrackerCounters:
-        """Drain the queue, record the counters as tags and end the run with ``status``
-        (FINISHED, FAILED or KILLED). Idempotent."""
+        """Wait for the pending metrics, record the counters as tags and end the run with
+        ``status`` (FINISHED, FAILED or KILLED). Idempotent."""
         if self._closed:
             return self.counters()
-        drained = self.flush(timeout)
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        self._thread.join(timeout=None if drained else 1.0)
+        with self._lock:
+            self._closing = True
+        if not self.flush(timeout):
+            logger.warning("MLflow: metrics still not written after %ss", timeout)
         counters = self.counters()
-        if not drained:
-            logger.warning("MLflow: %d queued items were not written within %ss", self.queued,
-                           timeout)
         try:
             self.set_tags({f"tracking.{k}": v for k, v in vars(counters).items()})
-            with self._io_lock:
-                self._client.set_terminated(self.run_id, status=status)
+            self._client.set_terminated(self.run_id, status=status)
         finally:
             self._closed = True
         return counters
@@ -415,26 +368,25 @@ class MlflowTracker:
         signature = ModelSignature(inputs=Schema([spec(v, k) for k, v in example.items()]),
                                    outputs=Schema([spec(output)]))
         torch_version = torch.__version__.split("+")[0]
-        with self._io_lock:
-            logged = self._client.create_logged_model(self.experiment_id, name=name,
-                                                      source_run_id=self.run_id)
-            try:
-                self._client.log_outputs(self.run_id, [LoggedModelOutput(logged.model_id, step)])
-                with tempfile.TemporaryDirectory() as tmp:
-                    local = os.path.join(tmp, name)
-                    mlflow.pytorch.save_model(
-                        model, local, serialization_format="pt2", signature=signature,
-                        input_example=tuple(v.numpy() for v in example.values()),
-                        pip_requirements=[f"torch=={torch_version}"],
-                        mlflow_model=Model(artifact_path=logged.artifact_location,
-                                           run_id=self.run_id, model_id=logged.model_id,
-                                           model_uuid=logged.model_id),
-                    )
-                    self._client.log_model_artifacts(logged.model_id, local)
-            except BaseException:
-                self._client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
-                raise
-            self._client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        logged = self._client.create_logged_model(self.experiment_id, name=name,
+                                                  source_run_id=self.run_id)
+        try:
+            self._client.log_outputs(self.run_id, [LoggedModelOutput(logged.model_id, step)])
+            with tempfile.TemporaryDirectory() as tmp:
+                local = os.path.join(tmp, name)
+                mlflow.pytorch.save_model(
+                    model, local, serialization_format="pt2", signature=signature,
+                    input_example=tuple(v.numpy() for v in example.values()),
+                    pip_requirements=[f"torch=={torch_version}"],
+                    mlflow_model=Model(artifact_path=logged.artifact_location,
+                                       run_id=self.run_id, model_id=logged.model_id,
+                                       model_uuid=logged.model_id),
+                )
+                self._client.log_model_artifacts(logged.model_id, local)
+        except BaseException:
+            self._client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+            raise
+        self._client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
         return f"models:/{logged.model_id}"
 
     # -- for people ---------------------------------------------------------------------------
