@@ -18,20 +18,13 @@ from rtb_ray.transitions import TransitionFamily
 
 
 @torch.no_grad()
-def sum_log_probs(
-    family: TransitionFamily,
-    net: nn.Module,
-    states: Tensor,
-    cond: Tensor | None = None,
-    chunk: int = 4096,
-) -> Tensor:
+def sum_log_probs(family: TransitionFamily, net: nn.Module, states: Tensor,
+                  cond: Tensor | None = None, chunk: int = 4096) -> Tensor:
     """Σ_t log p(x_{t+1}|x_t) per trajectory, in chunks of trajectories to bound memory."""
-    out = [
-        family.step_log_probs(
-            net, states[i : i + chunk], cond=None if cond is None else cond[i : i + chunk]
-        ).sum(1)
-        for i in range(0, states.shape[0], chunk)
-    ]
+    out: list[Tensor] = []
+    for i in range(0, states.shape[0], chunk):
+        c = None if cond is None else cond[i : i + chunk]
+        out.append(family.step_log_probs(net, states[i : i + chunk], cond=c).sum(1))
     return torch.cat(out)
 
 
@@ -84,31 +77,22 @@ def sliced_wasserstein(
 
 
 @torch.no_grad()
-def posterior_metrics(
-    family: TransitionFamily,
-    posterior: nn.Module,
-    prior: nn.Module,
-    samples: TrajectoryBatch,
-    target_pool: TrajectoryBatch | None,
-    beta: float,
-    reference_log_z: float | None = None,
-    eubo_samples: int = 4096,
-    generator: torch.Generator | None = None,
-) -> dict[str, float]:
+def posterior_metrics(family: TransitionFamily, posterior: nn.Module, prior: nn.Module,
+                      samples: TrajectoryBatch, target_pool: TrajectoryBatch | None, beta: float,
+                      reference_log_z: float | None = None, eubo_samples: int = 4096,
+                      generator: torch.Generator | None = None) -> dict[str, float]:
     """Generic quality metrics of a posterior. ``samples`` are on-policy posterior trajectories
     (their ``log_prior`` and ``log_reward`` filled in); ``target_pool`` are prior trajectories
     from which target trajectories are drawn by SIR for the EUBO."""
-    log_post = sum_log_probs(family, posterior, samples.states, samples.cond)
-    lw = beta * samples.log_reward + samples.log_prior - log_post
-    out = importance_metrics(lw)
+    def lw(b: TrajectoryBatch) -> Tensor:  # lw(τ) of the module docstring
+        log_post = sum_log_probs(family, posterior, b.states, b.cond)
+        return beta * b.log_reward + b.log_prior - log_post
+
+    out = importance_metrics(lw(samples))
     out["mean_log_reward"] = samples.log_reward.double().mean().item()
     if target_pool is not None:
         idx = sir_indices(target_log_weights(target_pool, beta), eubo_samples, generator)
-        target = target_pool.index(idx)
-        log_post_t = sum_log_probs(family, posterior, target.states, target.cond)
-        out["eubo"] = (
-            (beta * target.log_reward + target.log_prior - log_post_t).double().mean().item()
-        )
+        out["eubo"] = lw(target_pool.index(idx)).double().mean().item()
     if reference_log_z is not None:
         out["reference_log_z"] = reference_log_z
         out["elbo_gap"] = reference_log_z - out["elbo"]
@@ -150,12 +134,10 @@ def staleness(batch: TrajectoryBatch, version: int) -> Tensor:
 
 
 def staleness_quantiles(staleness: Tensor) -> dict[str, float]:
-    """The distribution of staleness (learner version − policy_version, in steps) of the
-    posterior rows a learner trained on."""
+    """Mean, quantiles and max of the staleness of the posterior rows a learner trained on."""
     if staleness.numel() == 0:
         return {}
     s = staleness.double()
-    q = torch.quantile(s, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64))
-    return {"staleness_mean": s.mean().item(), "staleness_p50": q[0].item(),
-            "staleness_p90": q[1].item(), "staleness_p99": q[2].item(),
-            "staleness_max": s.max().item()}
+    q = torch.quantile(s, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)).tolist()
+    return {"staleness_mean": s.mean().item(), "staleness_p50": q[0], "staleness_p90": q[1],
+            "staleness_p99": q[2], "staleness_max": s.max().item()}

@@ -25,29 +25,17 @@ class TimeMLP(nn.Module):
     is the zero drift (the pinned Brownian motion itself).
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_steps: int,
-        hidden: int = 128,
-        depth: int = 2,
-        time_features: int = 64,
-        out_dim: int | None = None,
-        cond_dim: int = 0,
-    ) -> None:
+    def __init__(self, dim: int, num_steps: int, hidden: int = 128, depth: int = 2,
+                 time_features: int = 64, out_dim: int | None = None, cond_dim: int = 0) -> None:
         super().__init__()
         self.num_steps = num_steps
         self.register_buffer("time_features", fourier_time_features(num_steps, time_features))
-        self.time_branch = nn.Sequential(
-            nn.Linear(time_features, hidden), nn.GELU(), nn.Linear(hidden, hidden)
-        )
+        self.time_branch = nn.Sequential(nn.Linear(time_features, hidden), nn.GELU(),
+                                         nn.Linear(hidden, hidden))
         self.input = nn.Linear(dim, hidden)
         self.cond_input = nn.Linear(cond_dim, hidden, bias=False) if cond_dim else None
-        layers: list[nn.Module] = []
-        for _ in range(depth):
-            layers += [nn.GELU(), nn.Linear(hidden, hidden)]
-        layers += [nn.GELU(), nn.Linear(hidden, out_dim or dim)]
-        self.trunk = nn.Sequential(*layers)
+        layers = [m for _ in range(depth) for m in (nn.GELU(), nn.Linear(hidden, hidden))]
+        self.trunk = nn.Sequential(*layers, nn.GELU(), nn.Linear(hidden, out_dim or dim))
         nn.init.zeros_(self.trunk[-1].weight)
         nn.init.zeros_(self.trunk[-1].bias)
 

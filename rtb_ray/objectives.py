@@ -51,28 +51,18 @@ def trajectory_loss(
     return per_traj.mean() + fit_log_z, delta
 
 
-def _random_steps(num_steps: int, k: int, generator: torch.Generator | None, device) -> Tensor:
-    return torch.randperm(num_steps, generator=generator)[:k].sort().values.to(device)
-
-
-def rtb_backward(
-    family: TransitionFamily,
-    posterior: nn.Module,
-    log_z: Tensor,
-    batch: TrajectoryBatch,
-    cfg: ObjectiveConfig,
-    generator: torch.Generator | None = None,
-) -> dict[str, Tensor]:
+def rtb_backward(family: TransitionFamily, posterior: nn.Module, log_z: Tensor,
+                 batch: TrajectoryBatch, cfg: ObjectiveConfig,
+                 generator: torch.Generator | None = None) -> dict[str, Tensor]:
     """Compute the loss of ``batch`` and accumulate its gradients into ``posterior`` and
     ``log_z`` (``.grad``). Σ log p_φ is recomputed for all B×T transitions in batched passes."""
     states, cond = batch.states, batch.cond
     beta_log_reward = scaled_log_reward(batch.log_reward, cfg)
-    num_steps = batch.num_steps
-    steps = None
-    scale = 1.0
-    if cfg.subsample_steps is not None and cfg.subsample_steps < num_steps:
-        steps = _random_steps(num_steps, cfg.subsample_steps, generator, states.device)
-        scale = num_steps / cfg.subsample_steps
+    num_steps, k = batch.num_steps, cfg.subsample_steps
+    steps, scale = None, 1.0
+    if k is not None and k < num_steps:
+        steps = torch.randperm(num_steps, generator=generator)[:k].sort().values.to(states.device)
+        scale = num_steps / k
 
     if cfg.chunk_steps is None:
         log_post = family.step_log_probs(posterior, states, cond=cond, steps=steps).sum(1)
@@ -81,17 +71,15 @@ def rtb_backward(
             rest = torch.ones(num_steps, dtype=torch.bool, device=states.device)
             rest[steps] = False
             with torch.no_grad():
-                log_rest = family.step_log_probs(
-                    posterior, states, cond=cond, steps=rest.nonzero().squeeze(1)
-                ).sum(1)
+                log_rest = family.step_log_probs(posterior, states, cond=cond,
+                                                 steps=rest.nonzero().squeeze(1)).sum(1)
             log_post = scale * log_post - (scale - 1) * log_post.detach() + log_rest
         loss, delta = trajectory_loss(log_post, batch.log_prior, beta_log_reward, log_z, cfg)
         loss.backward()
     else:
         # δ without a graph, then ∂L/∂S_b · ∇ Σ_{t ∈ chunk} log p_φ, chunk by chunk.
         with torch.no_grad():
-            log_post_value = family.step_log_probs(posterior, states, cond=cond).sum(1)
-        log_post = log_post_value.requires_grad_()
+            log_post = family.step_log_probs(posterior, states, cond=cond).sum(1).requires_grad_()
         loss, delta = trajectory_loss(log_post, batch.log_prior, beta_log_reward, log_z, cfg)
         loss.backward()
         coef = log_post.grad * scale  # type: ignore[operator]
@@ -102,9 +90,5 @@ def rtb_backward(
         log_post = log_post.detach()
 
     # tensors, not floats: the caller reads all of a step's numbers in one device sync
-    return {
-        "loss": loss.detach(),
-        "delta_mean": delta.detach().mean(),
-        "delta_sq": delta.detach().square().mean(),
-        "log_post": log_post.detach().mean(),
-    }
+    return {"loss": loss.detach(), "delta_mean": delta.mean(), "delta_sq": delta.square().mean(),
+            "log_post": log_post.detach().mean()}

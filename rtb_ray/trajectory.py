@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from enum import IntEnum
-from typing import ClassVar
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +27,7 @@ class Source(IntEnum):
     EXPLORE = 1  # the posterior with inflated variance
     PRIOR = 2  # the frozen prior
     BACKWARD = 3  # a known x_T noised back to x_0 by the fixed noising process
+    # no sampler makes LOCAL_SEARCH yet; it stays because every stored source dictionary lists it
     LOCAL_SEARCH = 4  # x_T improved by local search, then noised back
 
     @classmethod
@@ -73,27 +74,15 @@ class TrajectoryBatch:
         return self.states[:, -1]
 
     @classmethod
-    def make(
-        cls,
-        states: Tensor,
-        log_reward: Tensor,
-        log_prior: Tensor,
-        log_behaviour: Tensor,
-        source: Source,
-        policy_version: int = -1,
-        cond: Tensor | None = None,
-    ) -> "TrajectoryBatch":
+    def make(cls, states: Tensor, log_reward: Tensor, log_prior: Tensor, log_behaviour: Tensor,
+             source: Source, policy_version: int = -1, cond: Tensor | None = None
+             ) -> "TrajectoryBatch":
         """A batch from one source and one weights version (what every sampler produces)."""
         b, dev = states.shape[0], states.device
-        return cls(
-            states=states,
-            log_reward=log_reward.float(),
-            log_prior=log_prior.float(),
-            log_behaviour=log_behaviour.float(),
-            source=torch.full((b,), int(source), dtype=torch.int8, device=dev),
-            policy_version=torch.full((b,), policy_version, dtype=torch.int64, device=dev),
-            cond=cond,
-        )
+        return cls(states, log_reward.float(), log_prior.float(), log_behaviour.float(),
+                   source=torch.full((b,), int(source), dtype=torch.int8, device=dev),
+                   policy_version=torch.full((b,), policy_version, dtype=torch.int64, device=dev),
+                   cond=cond)
 
     def _map(self, fn) -> "TrajectoryBatch":
         """Apply ``fn`` to every tensor column (cond included); extras are dropped."""
@@ -235,21 +224,16 @@ class TrajectoryLayout:
                              f" per row, got {other.cond_dtype} {list(other.cond_shape)}")
 
     def to_json(self) -> dict:
-        return {"state_shape": list(self.state_shape), "state_dtype": self.state_dtype,
-                "cond_shape": None if self.cond_shape is None else list(self.cond_shape),
-                "cond_dtype": self.cond_dtype}
+        return asdict(self)  # tuples become JSON lists; __post_init__ turns them back
 
     @classmethod
     def from_json(cls, d: dict) -> "TrajectoryLayout":
-        return cls(d["state_shape"], d["state_dtype"], d.get("cond_shape"), d.get("cond_dtype"))
+        return cls(**d)
 
 
-def trajectory_schema(
-    state_shape: tuple[int, ...],
-    state_dtype: str = "float32",
-    cond_shape: tuple[int, ...] | None = None,
-    cond_dtype: str | None = None,
-) -> pa.Schema:
+def trajectory_schema(state_shape: tuple[int, ...], state_dtype: str = "float32",
+                      cond_shape: tuple[int, ...] | None = None, cond_dtype: str | None = None
+                      ) -> pa.Schema:
     """The Arrow schema of trajectories whose states are ``state_shape`` (= [T+1, *event])."""
     return TrajectoryLayout(state_shape, state_dtype, cond_shape, cond_dtype).schema()
 
@@ -275,8 +259,6 @@ class TrajectoryColumns:
     run_names: list[str]
     worker_names: list[str]
 
-    ARRAYS: ClassVar[tuple[str, ...]] = FIELD_NAMES  # the array fields (cond may be None)
-
     def __len__(self) -> int:
         return self.states.shape[0]
 
@@ -284,13 +266,10 @@ class TrajectoryColumns:
     def layout(self) -> TrajectoryLayout:
         return TrajectoryLayout.of(self.states, self.cond)
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        arrays = {name: getattr(self, name) for name in self.ARRAYS}
-        return {name: a for name, a in arrays.items() if a is not None}
-
     def take(self, rows: np.ndarray) -> "TrajectoryColumns":
         """The given rows (an index or boolean mask), copied."""
-        return replace(self, **{name: a[rows] for name, a in self.arrays().items()})
+        arrays = {name: getattr(self, name) for name in FIELD_NAMES}
+        return replace(self, **{name: a[rows] for name, a in arrays.items() if a is not None})
 
     def to_arrow(self) -> pa.RecordBatch:
         """A record batch of :func:`trajectory_schema`, zero-copy for contiguous columns."""
@@ -322,10 +301,8 @@ class TrajectoryColumns:
         return pa.RecordBatch.from_arrays([columns[f.name] for f in schema], schema=schema)
 
     def to_batch(self) -> TrajectoryBatch:
-        """The torch batch (sharing memory with these arrays); ids go to ``extras["id"]``.
-
-        Arrays that view Arrow memory are read-only: torch warns once, and the tensors must not
-        be written to."""
+        """The torch batch (sharing memory with these arrays); ids go to ``extras["id"]``. Arrays
+        over Arrow memory are read-only: torch warns once, and the tensors must not be written."""
         t = torch.from_numpy
         return TrajectoryBatch(
             states=t(self.states), log_reward=t(self.log_reward), log_prior=t(self.log_prior),
@@ -335,21 +312,11 @@ class TrajectoryColumns:
         )
 
 
-def _now_us() -> int:
-    return time.time_ns() // 1000
-
-
 _INT64, _INT8, _FLOAT32 = np.dtype(np.int64), np.dtype(np.int8), np.dtype(np.float32)
 
 
-def columns_from_batch(
-    batch: TrajectoryBatch,
-    *,
-    run: str = "",
-    worker: str = "",
-    first_id: int = 0,
-    created_at: datetime | None = None,
-) -> TrajectoryColumns:
+def columns_from_batch(batch: TrajectoryBatch, *, run: str = "", worker: str = "",
+                       first_id: int = 0, created_at: datetime | None = None) -> TrajectoryColumns:
     """Numpy views of a (CPU, contiguous) torch batch; ids are ``first_id, first_id + 1, ...``."""
     def array(t: Tensor, dtype: np.dtype | None = None) -> np.ndarray:
         # the common case (a CPU tensor of the right dtype) is a plain view, with as few calls as
@@ -367,7 +334,7 @@ def columns_from_batch(
         return np.ascontiguousarray(a)
 
     b = len(batch)
-    stamp = _now_us() if created_at is None else int(created_at.timestamp() * 1_000_000)
+    stamp = time.time_ns() // 1000 if created_at is None else int(created_at.timestamp() * 1e6)
     return TrajectoryColumns(
         id=np.arange(first_id, first_id + b, dtype=np.int64),
         run=np.zeros(b, np.int32),
@@ -389,20 +356,17 @@ def validate_record_batch(
     data: pa.RecordBatch, layout: TrajectoryLayout | pa.Schema | None = None
 ) -> None:
     """Check a record batch against the trajectory schema (field names, types, shapes, no nulls)
-    and, when given, against a store's ``layout`` (or schema). Raises a ValueError naming the
-    field."""
+    and, when given, a store's ``layout`` (or schema). Raises a ValueError naming the field."""
     if isinstance(layout, pa.Schema):
         layout = TrajectoryLayout.from_schema(layout)
     names = data.schema.names
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate field names in {names}")
     expected = (layout or TrajectoryLayout.from_schema(data.schema)).schema()
-    for name in expected.names:
-        if name not in names:
-            raise ValueError(f"missing field {name!r}")
-    for name in names:
-        if name not in expected.names:
-            raise ValueError(f"unexpected field {name!r}")
+    if missing := [name for name in expected.names if name not in names]:
+        raise ValueError(f"missing field {missing[0]!r}")
+    if unexpected := [name for name in names if name not in expected.names]:
+        raise ValueError(f"unexpected field {unexpected[0]!r}")
     for spec in expected:
         column = data.column(spec.name)
         if column.type != spec.type:
@@ -449,25 +413,15 @@ def columns_from_arrow(
                              worker_names=data.column("worker").dictionary.to_pylist())
 
 
-def to_arrow(
-    batch: TrajectoryBatch,
-    *,
-    run: str = "",
-    worker: str = "",
-    first_id: int = 0,
-    created_at: datetime | None = None,
-) -> pa.RecordBatch:
-    """One Arrow row per trajectory (zero-copy for CPU contiguous tensors). A replay store
-    assigns its own ids on insert; ``first_id`` matters only for batches kept elsewhere."""
-    return columns_from_batch(
-        batch, run=run, worker=worker, first_id=first_id, created_at=created_at
-    ).to_arrow()
+def to_arrow(batch: TrajectoryBatch, **kwargs: Any) -> pa.RecordBatch:
+    """One Arrow row per trajectory (zero-copy for CPU contiguous tensors); ``kwargs``: those of
+    :func:`columns_from_batch`. A replay store assigns its own ids on insert."""
+    return columns_from_batch(batch, **kwargs).to_arrow()
 
 
 def from_arrow(data: pa.RecordBatch | pa.Table) -> TrajectoryBatch:
-    """The torch batch of a record batch (or table): zero-copy views of the Arrow buffers for a
-    record batch or single-chunk table; ids in ``extras["id"]``. run, worker and created_at
-    are not part of the torch batch."""
+    """The torch batch (zero-copy views for a record batch or single-chunk table; ids in
+    ``extras["id"]``). run, worker and created_at are not part of the torch batch."""
     return columns_from_arrow(as_record_batch(data)).to_batch()
 
 

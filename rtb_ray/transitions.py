@@ -14,6 +14,8 @@ from typing import Callable, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+Guidance = Callable[[Tensor], Tensor]  # a differentiable log r(x)
+
 
 @runtime_checkable
 class TransitionFamily(Protocol):
@@ -22,35 +24,21 @@ class TransitionFamily(Protocol):
     net_out_dim: int
     """Width of the network output the family reads (a task sizes its network by it)."""
 
-    def sample(
-        self,
-        net: nn.Module,
-        n: int,
-        *,
-        cond: Tensor | None = None,
-        explore: float = 0.0,
-        generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, Tensor]:
+    def sample(self, net: nn.Module, n: int, *, cond: Tensor | None = None, explore: float = 0.0,
+               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Run the chain forward. Returns ``states [n, T+1, *event]`` and the summed
         log-probability of each trajectory under the process that sampled it (with exploration
         ``explore`` > 0 that is the explored process, not the network's own)."""
         ...
 
-    def step_log_probs(
-        self,
-        net: nn.Module,
-        states: Tensor,
-        *,
-        cond: Tensor | None = None,
-        steps: Tensor | None = None,
-    ) -> Tensor:
+    def step_log_probs(self, net: nn.Module, states: Tensor, *, cond: Tensor | None = None,
+                       steps: Tensor | None = None) -> Tensor:
         """``log p(x_{t+1} | x_t)`` for every trajectory and step ``t`` in ``steps`` (default:
         all), as ``[B, len(steps)]``, from one batched network pass over all (x_t, t) rows."""
         ...
 
-    def backward_sample(
-        self, x: Tensor, *, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def backward_sample(self, x: Tensor, *, generator: torch.Generator | None = None
+                        ) -> tuple[Tensor, Tensor]:
         """Noise terminal states ``x [n, *event]`` back to x_0 with the fixed noising process.
         Returns trajectories ``[n, T+1, *event]`` ending in ``x`` and the summed log-probability
         of each under that noising process."""
@@ -73,17 +61,9 @@ class GuidedFamily(TransitionFamily, Protocol):
         """The network's estimate of the final state from ``x`` at chain step ``k``."""
         ...
 
-    def sample(
-        self,
-        net: nn.Module,
-        n: int,
-        *,
-        cond: Tensor | None = None,
-        explore: float = 0.0,
-        generator: torch.Generator | None = None,
-        guidance: Callable[[Tensor], Tensor] | None = None,
-        guidance_scale: float = 0.0,
-    ) -> tuple[Tensor, Tensor]:
+    def sample(self, net: nn.Module, n: int, *, cond: Tensor | None = None, explore: float = 0.0,
+               generator: torch.Generator | None = None, guidance: Guidance | None = None,
+               guidance_scale: float = 0.0) -> tuple[Tensor, Tensor]:
         """``sample``, with each step moved along ∇ guidance(x̂_0) by ``guidance_scale``."""
         ...
 
@@ -96,24 +76,58 @@ def _normal_log_prob(x: Tensor, mean: Tensor, var: Tensor | float) -> Tensor:
 
 
 class GaussianSteps:
-    """What Gaussian families share: given ``moments(net, x, t, cond) -> (mean, var)``, the
-    log-probabilities of all chosen (x_t, x_{t+1}) pairs of a batch in one network pass."""
+    """What Gaussian families share. A family gives ``moments(net, x, k, cond) -> (mean, var)``
+    of ``x_{k+1} | x_k`` and ``backward_step(k) -> (shrink, var)`` of its noising process
+    ``x_k | x_{k+1} ~ N(shrink·x_{k+1}, var I)``; sampling, batched log-probabilities and
+    backward noising are then the same code."""
 
-    num_steps: int
-    dim: int
+    noisy_start = False  # x_0 ~ N(0, I) (drawn, and common to every process) rather than 0
 
-    def moments(self, net: nn.Module, x: Tensor, t: Tensor | int,
+    def __init__(self, dim: int, num_steps: int, net_out_dim: int) -> None:
+        if num_steps < 1:
+            raise ValueError("num_steps must be >= 1")
+        self.dim, self.num_steps, self.net_out_dim = dim, num_steps, net_out_dim
+        self.event_shape = (dim,)
+
+    def moments(self, net: nn.Module, x: Tensor, k: Tensor | int,
                 cond: Tensor | None = None) -> tuple[Tensor, Tensor | float]:
         raise NotImplementedError
 
-    def step_log_probs(
-        self,
-        net: nn.Module,
-        states: Tensor,
-        *,
-        cond: Tensor | None = None,
-        steps: Tensor | None = None,
-    ) -> Tensor:
+    def guided_moments(self, net: nn.Module, x: Tensor, k: int, cond: Tensor | None,
+                       guidance: Guidance, scale: float) -> tuple[Tensor, Tensor | float]:
+        raise NotImplementedError(f"{type(self).__name__} has no guidance")
+
+    def backward_step(self, k: int) -> tuple[float, float]:
+        raise NotImplementedError
+
+    def sample(self, net: nn.Module, n: int, *, cond: Tensor | None = None, explore: float = 0.0,
+               generator: torch.Generator | None = None, guidance: Guidance | None = None,
+               guidance_scale: float = 0.0) -> tuple[Tensor, Tensor]:
+        device = next(net.parameters()).device
+        # drawn on the CPU (where seeded generators live), then moved: same numbers on any device
+        noise = torch.randn(n, self.num_steps + int(self.noisy_start), self.dim,
+                            generator=generator).to(device)
+        states = torch.zeros(n, self.num_steps + 1, self.dim, device=device)
+        if self.noisy_start:
+            states[:, 0], noise = noise[:, 0], noise[:, 1:]
+        x = states[:, 0]
+        log_behaviour = torch.zeros(n, device=device)
+        for k in range(self.num_steps):
+            if guidance is None:
+                with torch.no_grad():
+                    mean, var = self.moments(net, x, k, cond)
+            else:
+                mean, var = self.guided_moments(net, x, k, cond, guidance, guidance_scale)
+            var = var + explore**2
+            step = noise[:, k] * (math.sqrt(var) if isinstance(var, float) else var.sqrt())
+            x = mean + step
+            states[:, k + 1] = x
+            # the residual x_{k+1} − mean is the scaled noise itself: no second pass needed
+            log_behaviour += _normal_log_prob(step, torch.zeros_like(step), var)
+        return states, log_behaviour
+
+    def step_log_probs(self, net: nn.Module, states: Tensor, *, cond: Tensor | None = None,
+                       steps: Tensor | None = None) -> Tensor:
         b = states.shape[0]
         if steps is None:
             steps = torch.arange(self.num_steps, device=states.device)
@@ -122,9 +136,24 @@ class GaussianSteps:
         x_next = states[:, steps + 1].reshape(b * k, self.dim)
         c = None if cond is None else cond.repeat_interleave(k, dim=0)
         mean, var = self.moments(net, x, steps.repeat(b), c)
-        if isinstance(var, Tensor):
-            var = var.expand_as(mean)
         return _normal_log_prob(x_next, mean, var).view(b, k)
+
+    @torch.no_grad()
+    def backward_sample(self, x: Tensor, *, generator: torch.Generator | None = None
+                        ) -> tuple[Tensor, Tensor]:
+        n = x.shape[0]
+        states = torch.zeros(n, self.num_steps + 1, self.dim, device=x.device)
+        states[:, -1] = x
+        noise = torch.randn(n, self.num_steps, self.dim, generator=generator).to(x.device)
+        log_q = torch.zeros(n, device=x.device)
+        for k in range(self.num_steps - 1, -1, -1):
+            shrink, var = self.backward_step(k)
+            if var == 0.0:  # a pinned x_0: it stays 0 and has no density
+                continue
+            step = noise[:, k] * math.sqrt(var)
+            states[:, k] = shrink * states[:, k + 1] + step
+            log_q += _normal_log_prob(step, torch.zeros_like(step), var)
+        return states, log_q
 
 
 class PinnedBrownian(GaussianSteps):
@@ -138,89 +167,38 @@ class PinnedBrownian(GaussianSteps):
     """
 
     def __init__(self, dim: int, num_steps: int, sigma: float, learn_variance: bool = False) -> None:
-        if num_steps < 1:
-            raise ValueError("num_steps must be >= 1")
-        self.dim = dim
-        self.num_steps = num_steps
-        self.event_shape = (dim,)
+        super().__init__(dim, num_steps, 2 * dim if learn_variance else dim)
         self.sigma = sigma
         self.learn_variance = learn_variance
-        self.net_out_dim = 2 * dim if learn_variance else dim
         self.dt = 1.0 / num_steps
         self.step_var = sigma**2 * self.dt
 
-    def drift(self, net: nn.Module, x: Tensor, t: Tensor | int, cond: Tensor | None = None) -> Tensor:
-        return net(x, t, cond)[..., : self.dim]
-
-    def moments(
-        self, net: nn.Module, x: Tensor, t: Tensor | int, cond: Tensor | None = None
-    ) -> tuple[Tensor, Tensor | float]:
-        """Mean and variance of ``x_{t+1} | x_t``."""
+    def moments(self, net: nn.Module, x: Tensor, t: Tensor | int,
+                cond: Tensor | None = None) -> tuple[Tensor, Tensor | float]:
         out = net(x, t, cond)
         if not self.learn_variance:
             return x + self.dt * out, self.step_var
         drift, log_scale = out.split(self.dim, dim=-1)
         return x + self.dt * drift, self.step_var * log_scale.clamp(-8.0, 4.0).exp()
 
-    @torch.no_grad()
-    def sample(
-        self,
-        net: nn.Module,
-        n: int,
-        *,
-        cond: Tensor | None = None,
-        explore: float = 0.0,
-        generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        device = next(net.parameters()).device
-        states = torch.empty(n, self.num_steps + 1, self.dim, device=device)
-        states[:, 0] = 0.0
-        # drawn on the CPU (where seeded generators live), then moved: same numbers on any device
-        noise = torch.randn(n, self.num_steps, self.dim, generator=generator).to(device)
-        log_behaviour = torch.zeros(n, device=device)
-        x = states[:, 0]
-        for t in range(self.num_steps):
-            mean, var = self.moments(net, x, t, cond)
-            var = var + explore**2
-            step = noise[:, t] * (math.sqrt(var) if isinstance(var, float) else var.sqrt())
-            x = mean + step
-            states[:, t + 1] = x
-            # the residual x_{t+1} − mean is the scaled noise itself: no second pass needed
-            log_behaviour += _normal_log_prob(step, torch.zeros_like(step), var)
-        return states, log_behaviour
-
-    @torch.no_grad()
-    def backward_sample(
-        self, x: Tensor, *, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def backward_step(self, t: int) -> tuple[float, float]:
         # Brownian bridge from 0 (time 0) to x (time 1), drawn backwards:
         # x_t | x_{t+1} ~ N(x_{t+1}·t/(t+1), σ² dt · t/(t+1)).
-        n = x.shape[0]
-        states = torch.empty(n, self.num_steps + 1, self.dim, device=x.device)
-        states[:, -1] = x
-        states[:, 0] = 0.0
-        noise = torch.randn(n, self.num_steps, self.dim, generator=generator).to(x.device)
-        log_q = torch.zeros(n, device=x.device)
-        for t in range(self.num_steps - 1, 0, -1):
-            shrink, var = t / (t + 1), self.step_var * t / (t + 1)
-            states[:, t] = states[:, t + 1] * shrink + noise[:, t] * math.sqrt(var)
-            log_q += _normal_log_prob(noise[:, t] * math.sqrt(var), torch.zeros_like(x), var)
-        return states, log_q
+        return t / (t + 1), self.step_var * t / (t + 1)
 
     def pretrain_loss(self, net: nn.Module, x1: Tensor, generator: torch.Generator | None = None,
                       first_steps: int | None = None) -> Tensor:
         """Bridge matching: given x_1 and x_t on the Brownian bridge from 0, the expected
         increment is dt·(x_1 − x_t)/(1 − t). Regressing the drift on it has the same optimum as
-        path maximum likelihood on bridge-noised data, with far less variance. ``first_steps``:
-        only chain steps k < first_steps."""
+        path maximum likelihood on bridge-noised data, with far less variance."""
         # noise from the (CPU) generator, then moved: the learner may run on a GPU
         n, dev = x1.shape[0], x1.device
         k = torch.randint(0, first_steps or self.num_steps, (n,), generator=generator).to(dev)
         t = (k.float() / self.num_steps)[:, None]
         z = torch.randn(x1.shape, generator=generator).to(dev)
         x_t = t * x1 + (self.sigma**2 * t * (1 - t)).sqrt() * z
-        target = (x1 - x_t) / (1 - t)
-        return (self.drift(net, x_t, k) - target).square().sum(-1).mean()
+        drift = net(x_t, k)[..., : self.dim]
+        return (drift - (x1 - x_t) / (1 - t)).square().sum(-1).mean()
 
 
 def linear_betas(num_steps: int) -> Tensor:
@@ -245,13 +223,10 @@ class DDPMGaussian(GaussianSteps):
     and cancels in every ratio: log-probabilities sum the T transitions only.
     """
 
+    noisy_start = True
+
     def __init__(self, dim: int, num_steps: int, min_std: float = 1e-3) -> None:
-        if num_steps < 1:
-            raise ValueError("num_steps must be >= 1")
-        self.dim = dim
-        self.num_steps = num_steps
-        self.event_shape = (dim,)
-        self.net_out_dim = dim
+        super().__init__(dim, num_steps, dim)
         betas = linear_betas(num_steps)  # indexed by s − 1
         alpha_bar = torch.cumprod(1 - betas, 0)
         # per chain index k (s = T − k), float32 for the hot path
@@ -267,80 +242,41 @@ class DDPMGaussian(GaussianSteps):
             return values[k].to(like.device)
         return values.to(like.device)[k][:, None]
 
-    def moments(
-        self, net: nn.Module, x: Tensor, k: Tensor | int, cond: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Mean and variance of the next state, and (for guidance) the network's ε."""
-        eps = net(x, k, cond)
-        mean = self._at(self.coef_x, k, x) * x - self._at(self.coef_eps, k, x) * eps
-        return mean, self._at(self.var, k, x)
+    def _mean(self, x: Tensor, eps: Tensor, k: Tensor | int) -> Tensor:
+        return self._at(self.coef_x, k, x) * x - self._at(self.coef_eps, k, x) * eps
+
+    def moments(self, net: nn.Module, x: Tensor, k: Tensor | int,
+                cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._mean(x, net(x, k, cond), k), self._at(self.var, k, x)
+
+    def guided_moments(self, net: nn.Module, x: Tensor, k: int, cond: Tensor | None,
+                       guidance: Guidance, scale: float) -> tuple[Tensor, Tensor]:
+        """Classifier guidance with DPS's gradient g = ∇_{x_s} log r(x̂_0(x_s)), normalised as DPS
+        normalises its step: the mean moves by ``scale · std · g / rms(g)``. (Unnormalised, g
+        carries the 1/√ᾱ_s of Tweedie's estimate, ~10² at the first steps, and any useful scale
+        blows up the start.)"""
+        x_in = x.detach().requires_grad_()
+        with torch.enable_grad():
+            eps = net(x_in, k, cond)
+            grad, = torch.autograd.grad(guidance(self.predict_x0(x_in, eps, k)).sum(), x_in)
+        var = self._at(self.var, k, x)
+        rms = grad.square().mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
+        return self._mean(x, eps.detach(), k) + scale * var.sqrt() * grad / rms, var
 
     def predict_x0(self, x: Tensor, eps: Tensor, k: int) -> Tensor:
         """Tweedie's estimate of the clean image from x_s and the predicted noise."""
         a = self.alpha_bar[k].item()
         return (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
 
-    def sample(
-        self,
-        net: nn.Module,
-        n: int,
-        *,
-        cond: Tensor | None = None,
-        explore: float = 0.0,
-        generator: torch.Generator | None = None,
-        guidance: Callable[[Tensor], Tensor] | None = None,
-        guidance_scale: float = 0.0,
-    ) -> tuple[Tensor, Tensor]:
-        """``guidance`` (a differentiable ``log r``) turns this into classifier guidance with
-        DPS's gradient g = ∇_{x_s} log r(x̂_0(x_s)), normalised as DPS normalises its step: the
-        mean moves by ``scale · std · g / rms(g)``. (Unnormalised, g carries the 1/√ᾱ_s of
-        Tweedie's estimate, ~10² at the first steps, and any useful scale blows up the start.)"""
-        device = next(net.parameters()).device
-        noise = torch.randn(n, self.num_steps + 1, self.dim, generator=generator).to(device)
-        states = torch.empty(n, self.num_steps + 1, self.dim, device=device)
-        states[:, 0] = x = noise[:, 0]
-        log_behaviour = torch.zeros(n, device=device)
-        for k in range(self.num_steps):
-            if guidance is None:
-                with torch.no_grad():
-                    mean, var = self.moments(net, x, k, cond)
-            else:
-                x_in = x.detach().requires_grad_()
-                with torch.enable_grad():
-                    eps = net(x_in, k, cond)
-                    grad, = torch.autograd.grad(guidance(self.predict_x0(x_in, eps, k)).sum(), x_in)
-                mean = self._at(self.coef_x, k, x) * x - self._at(self.coef_eps, k, x) * eps.detach()
-                var = self._at(self.var, k, x)
-                rms = grad.square().mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
-                mean = mean + guidance_scale * var.sqrt() * grad / rms
-            var = var + explore**2
-            step = noise[:, k + 1] * var.sqrt()
-            x = mean + step
-            states[:, k + 1] = x
-            log_behaviour += _normal_log_prob(step, torch.zeros_like(step), var.expand_as(step))
-        return states, log_behaviour
-
-    @torch.no_grad()
-    def backward_sample(
-        self, x: Tensor, *, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """The DDPM forward (noising) process from the image x: x_s = √(1−β_s)·x_{s−1} + √β_s·z."""
-        n = x.shape[0]
-        states = torch.empty(n, self.num_steps + 1, self.dim, device=x.device)
-        states[:, -1] = x
-        noise = torch.randn(n, self.num_steps, self.dim, generator=generator).to(x.device)
-        log_q = torch.zeros(n, device=x.device)
-        for k in range(self.num_steps - 1, -1, -1):  # s = T − k = 1, 2, ..., T
-            beta = self.betas[k].item()
-            step = noise[:, k] * math.sqrt(beta)
-            states[:, k] = math.sqrt(1 - beta) * states[:, k + 1] + step
-            log_q += _normal_log_prob(step, torch.zeros_like(step), beta)
-        return states, log_q
+    def backward_step(self, k: int) -> tuple[float, float]:
+        # the DDPM forward (noising) process, s = T − k: x_s = √(1−β_s)·x_{s−1} + √β_s·z
+        beta = self.betas[k].item()
+        return math.sqrt(1 - beta), beta
 
     def pretrain_loss(self, net: nn.Module, x0: Tensor, generator: torch.Generator | None = None,
                       first_steps: int | None = None) -> Tensor:
-        """ε-matching (DDPM's simple loss) at a uniformly drawn diffusion time. ``first_steps``:
-        only chain steps k < first_steps, the noisiest diffusion times."""
+        """ε-matching (DDPM's simple loss) at a uniformly drawn diffusion time (``first_steps``:
+        the noisiest ones)."""
         k = torch.randint(0, first_steps or self.num_steps, (x0.shape[0],), generator=generator)
         a = self.alpha_bar[k][:, None].to(x0.device, x0.dtype)
         z = torch.randn(x0.shape, generator=generator).to(x0.device)
