@@ -1,16 +1,8 @@
-"""The driver of ``rtb-ray train`` on Ray: starts (or joins) Ray, starts the run's actors, shows
-progress, and shuts everything down in order.
-
-    ReplayStoreActor  ◄── insert ──  RolloutWorker × N (posterior / prior / backward)
-          │  sample                        ▲ pull weights        ▲ step() calls
-          ▼                                │                     │
-    LearnerActor ── publish ──► WeightStore        Coordinator (owns the workers)
-
-The store, the weight store and the coordinator are pinned to the driver's node, so losing
-another node loses only rollout workers (which the coordinator replaces); the learner is pinned
-there too unless it asks for a GPU. ``<run>/runtime.json`` names the Ray address and the actors,
-for ``rtb-ray status`` and ``rtb-ray scale``.
-"""
+"""The driver of ``rtb-ray train`` on Ray: starts (or joins) Ray and the run's actors (the
+diagram is in docs/ARCHITECTURE.md), shows progress, and shuts everything down in order. The
+store, weight store and coordinator (and the learner, unless it asks for a GPU) are pinned to the
+driver's node, so losing another node loses only rollout workers, which the coordinator
+replaces. ``<run>/runtime.json`` names the address and actors for ``rtb-ray status/scale``."""
 
 from __future__ import annotations
 
@@ -28,7 +20,7 @@ from tqdm.auto import tqdm
 
 from actors.coordinator import Coordinator
 from actors.learner import LearnerActor
-from actors.replay import ReplayStoreActor
+from actors.replay import start_store
 from actors.session import NAMESPACE, RUNTIME_FILE, init_ray, read_runtime
 from actors.weights import WeightStore
 from rtb_ray.config import RunConfig
@@ -36,7 +28,7 @@ from rtb_ray.evaluation import format_eval
 from rtb_ray.learner import make_posterior
 from rtb_ray.loop import check_config_for_task
 from rtb_ray.roles import ROLE_NAMES
-from rtb_ray.run_dir import load_run_checkpoint, write_json
+from rtb_ray.run_dir import check_run_dir, load_run_checkpoint, write_json
 from rtb_ray.tasks import Task, make_task, task_runtime_env
 
 
@@ -78,11 +70,8 @@ def train_on_ray(cfg: RunConfig, output: Path, *, address: str | None = None,
                  progress: bool = True) -> int:
     """Run training on Ray; returns the exit status (0 done, 130 interrupted, 1 failed)."""
     output = Path(output)
-    if resume and not (output / "checkpoint.pt").exists():
-        raise FileNotFoundError(f"nothing to resume: {output / 'checkpoint.pt'} does not exist")
-    if not resume and (output / "checkpoint.pt").exists():
-        raise FileExistsError(f"{output} already holds a run; pass --resume {output} to continue it")
-    task, prior_file = _check_and_prior_file(cfg, output / "checkpoint.pt" if resume else None)
+    checkpoint = check_run_dir(output, resume)
+    task, prior_file = _check_and_prior_file(cfg, checkpoint if resume else None)
     output.mkdir(parents=True, exist_ok=True)
 
     init_ray(address, runtime_env=task_runtime_env(cfg.task.name))  # ships a user task
@@ -109,9 +98,7 @@ def train_on_ray(cfg: RunConfig, output: Path, *, address: str | None = None,
               f"run {run})")
         print(f"  watch and scale it: rtb-ray status {output}; rtb-ray scale {output} --workers N")
         if tracking is not None:
-            verb = "continues" if tracking["resumed"] == "True" else "is"
-            print(f"MLflow: this run {verb} run {tracking['run_id']} (experiment "
-                  f"{tracking['experiment']!r}); open it with\n  {tracking['ui_hint']}")
+            print(tracking)
         code = _watch(learner, coordinator, cfg, output, progress, task.progress_metrics)
         final_status = ray.get(coordinator.stop.remote())
         ray.get(store.close.remote())  # seals the rows not yet on disk
@@ -130,8 +117,8 @@ def _start_actors(cfg: RunConfig, output: Path, run: str, names: dict[str, str],
     unless it wants a GPU. Returns (learner, coordinator, store)."""
     rt = cfg.runtime
     head = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    store = ReplayStoreActor.options(name=names["store"], scheduling_strategy=head).remote(
-        cfg, str(output / "replay") if cfg.replay.persist else None, run)
+    store = start_store(cfg, str(output / "replay") if cfg.replay.persist else None, run,
+                        name=names["store"], scheduling_strategy=head)
     weights = WeightStore.options(name=names["weights"], scheduling_strategy=head).remote()
     coordinator = Coordinator.options(name=names["coordinator"], scheduling_strategy=head).remote(
         cfg, run, NAMESPACE, store, weights, [ray.put(prior_file)])

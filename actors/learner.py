@@ -1,12 +1,6 @@
-"""The learner actor: runs ``rtb_ray.loop.train`` with batches from the replay store actor.
-
-``StoreBatches`` connects the loop to the store (batches of ``training_mixture``, the next one
-requested before the step runs), the weight store (a version every
-``runtime.publish_every_steps`` steps; the learner's step at the others, for ``max_staleness``)
-and the coordinator (runtime figures for the train rows). ``train`` runs the whole loop;
-``status`` and ``stop`` are served meanwhile (``max_concurrency=2``). Uses CUDA when the actor
-was given GPUs (``runtime.learner_num_gpus``) and one is present, the CPU otherwise.
-"""
+"""The learner actor: ``rtb_ray.loop.train`` with ``StoreBatches``, which samples the replay
+store actor (the next batch requested before the step runs), publishes weight versions, and adds
+the coordinator's figures to the train rows. Uses CUDA when given a GPU and one is present."""
 
 from __future__ import annotations
 
@@ -40,8 +34,8 @@ class StoreBatches:
         self.sample_wait_s = 0.0
 
     def _request(self) -> ray.ObjectRef:
-        return self.store.sample.remote(self.cfg.train.batch_size, self.mixture,
-                                        self.cfg.runtime.sample_timeout_s)
+        return self.store.sample.remote(self.cfg.train.batch_size, sampler=self.mixture,
+                                        timeout=self.cfg.runtime.sample_timeout_s)
 
     def next_batch(self, learner: Learner) -> TrajectoryBatch:
         """The next batch; the one after is requested before returning (overlaps the step)."""
@@ -117,9 +111,6 @@ class LearnerActor:
                 "device": str(run.learner.device), "wall_s": run.run_dir.clock.wall_s,
                 "train": dict(run.run_dir.last["train"]), "eval": dict(run.run_dir.last["eval"])}
 
-    def tracking(self) -> dict[str, str] | None:
-        tr = self.run.run_dir.tracker
-        if tr is None:
-            return None
-        return {"run_id": tr.run_id, "experiment": tr.experiment_name, "ui_hint": tr.ui_hint(),
-                "resumed": str(tr.resumed)}
+    def tracking(self) -> str | None:
+        tracker = self.run.run_dir.tracker
+        return None if tracker is None else tracker.describe()

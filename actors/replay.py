@@ -1,36 +1,20 @@
-"""The replay store hosted in an actor: concurrent inserts from workers, samples for the learner.
-
-``max_concurrency`` lets a throttled insert wait inside the store (its rate limiter) without
-blocking the learner's samples; the store itself is thread-safe.
-"""
+"""The replay store (rtb_ray/replay) hosted as an actor: inserts from the rollout workers,
+samples for the learner and for backward rollouts."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import ray
 
-from rtb_ray.batches import make_store
+from rtb_ray.batches import store_settings
 from rtb_ray.config import RunConfig
-from rtb_ray.replay import InsertResult, Sampler
-from rtb_ray.trajectory import TrajectoryBatch
+from rtb_ray.replay import ReplayStore
 
 
-@ray.remote(num_cpus=0, max_concurrency=16)
-class ReplayStoreActor:
-    def __init__(self, cfg: RunConfig, directory: str | None, run: str) -> None:
-        self.store = make_store(cfg, directory, run)
-
-    def insert(self, batch: TrajectoryBatch, worker: str, timeout: float | None) -> InsertResult:
-        return self.store.insert(batch, worker=worker, timeout=timeout)
-
-    def sample(self, n: int, sampler: Sampler | None = None, timeout: float | None = None,
-               rate_limited: bool = True) -> TrajectoryBatch:
-        return self.store.sample(n, sampler=sampler, timeout=timeout, rate_limited=rate_limited)
-
-    def flush(self, timeout: float | None = None) -> bool:
-        return self.store.flush(timeout)
-
-    def stats(self) -> dict:
-        return self.store.stats()
-
-    def close(self) -> None:
-        self.store.close()
+def start_store(cfg: RunConfig, directory: str | None, run: str, **options: Any) -> Any:
+    """The run's ``ReplayStore`` in an actor (``options``: Ray's, e.g. name, scheduling).
+    ``max_concurrency``: an insert waiting on the rate limiter must not block the learner's
+    samples; the store is thread-safe."""
+    return ray.remote(ReplayStore).options(num_cpus=0, max_concurrency=16, **options).remote(
+        directory, run=run, **store_settings(cfg))

@@ -1,11 +1,6 @@
-"""Rollout workers: host one role (rtb_ray/roles.py) and feed the replay store.
-
-Each ``step`` call makes one batch with the role's function, scored once (Σ log p_prior, log r),
-and inserts it, waiting on the store's rate limiter. A role that follows the learner pulls the
-newest weights first (and honours ``runtime.max_staleness``). The coordinator keeps a bounded
-number of calls in flight per worker and replaces workers that die; a new worker pulls the
-weights in its constructor.
-"""
+"""Rollout workers: each hosts one role (rtb_ray/roles.py) and inserts its batches into the
+replay store. A role that follows the learner pulls the newest weights first
+(``runtime.max_staleness``)."""
 
 from __future__ import annotations
 
@@ -60,8 +55,8 @@ class RolloutWorker:
         self.pull_weights()
 
     def _read_store(self, n: int, rows: Any) -> TrajectoryBatch:
-        return ray.get(self.store.sample.remote(n, rows, self.cfg.runtime.call_timeout_s,
-                                                rate_limited=False))
+        return ray.get(self.store.sample.remote(n, sampler=rows, rate_limited=False,
+                                                timeout=self.cfg.runtime.call_timeout_s))
 
     def pull_weights(self) -> int:
         """Apply the newest published weights, if newer than those held; returns the version."""
@@ -104,7 +99,7 @@ class RolloutWorker:
             batch = self.role.rollout(self.context, n)
             sample_s, version = time.perf_counter() - t0, self.context.policy_version
         t0 = time.perf_counter()
-        result = ray.get(self.store.insert.remote(batch, self.name, timeout))
+        result = ray.get(self.store.insert.remote(batch, worker=self.name, timeout=timeout))
         return self._result(result.status.value, result.inserted, result.quarantined,
                             result.reason, sample_s, time.perf_counter() - t0, version)
 

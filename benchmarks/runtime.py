@@ -5,7 +5,7 @@
 Measured in this run, on this machine, with the gmm25 network (T = 100, hidden 128):
 
 - rollout: trajectories/s of 1 and 2 RolloutWorkers (posterior role, 128 per call, 2 calls in
-  flight, 1 CPU and 1 torch thread each, inserting into a ReplayStoreActor) against the
+  flight, 1 CPU and 1 torch thread each, inserting into the replay store's actor) against the
   in-process ``Sampler.rollout`` on 1 thread (the same work without Ray or the store).
 - weights: publish-to-applied latency (learner-side ``ray.put`` + ``WeightStore.publish``, then a
   worker's ``pull_weights`` applying it) against one ``ray.put`` + ``ray.get`` in an actor.
@@ -98,7 +98,7 @@ def in_process_parts(cfg, seconds: float) -> dict:
 def ray_parts(cfg, seconds: float) -> dict:
     import ray
 
-    from actors.replay import ReplayStoreActor
+    from actors.replay import start_store
     from actors.rollout import RolloutWorker
     from actors.weights import WeightStore
 
@@ -108,8 +108,7 @@ def ray_parts(cfg, seconds: float) -> dict:
              log_to_driver=False, logging_level="ERROR")
     out: dict = {"rollout_workers": []}
     try:
-        store = ReplayStoreActor.remote(cfg.model_copy(update={"replay": unlimited}), None,
-                                        "bench")
+        store = start_store(cfg.model_copy(update={"replay": unlimited}), None, "bench")
         weights = WeightStore.remote()
         for n_workers in (1, 2):
             workers = [RolloutWorker.options(num_cpus=1).remote(cfg, "posterior", f"w{i}",
@@ -196,7 +195,7 @@ def memory_run(minutes: float, out_dir: Path) -> dict:
             for p in psutil.process_iter(["cmdline", "memory_info"]):
                 cmd = " ".join(p.info["cmdline"] or [])
                 m = re.match(r"ray::(\w+)", cmd)
-                if m and m.group(1) in ("RolloutWorker", "LearnerActor", "ReplayStoreActor",
+                if m and m.group(1) in ("RolloutWorker", "LearnerActor", "ReplayStore",
                                         "WeightStore", "Coordinator"):
                     rss[m.group(1)] = rss.get(m.group(1), 0) + p.info["memory_info"].rss
             metrics = run / "metrics.jsonl"

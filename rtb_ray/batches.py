@@ -1,10 +1,6 @@
-"""Where the learner's batches come from: the contract, and the in-process source.
-
-Both runtimes run one algorithm: the roles (rtb_ray/roles.py) insert into a replay store, and
-the learner samples it with ``training_mixture`` under the store's rate limiter. On Ray the
-roles run in rollout workers and the store in an actor (actors/learner.py ``StoreBatches``);
-in process they run inline, here, against a memory-only store.
-"""
+"""Where the learner's batches come from. Both runtimes run one algorithm: the roles insert into a
+replay store and the learner samples ``training_mixture`` under its rate limiter; on Ray through
+actors (actors/learner.py ``StoreBatches``), in process inline (``InlineBatches``)."""
 
 from __future__ import annotations
 
@@ -41,15 +37,14 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def make_store(cfg: RunConfig, directory: str | None = None, run: str = "") -> ReplayStore:
-    """The run's replay store (``cfg.replay``); memory only without a directory."""
+def store_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The ``ReplayStore`` keyword arguments of a run (``cfg.replay``), on both runtimes."""
     replay = cfg.replay
-    return ReplayStore(
-        directory, capacity_trajectories=replay.capacity, segment_rows=replay.segment_rows,
-        run=run, seed=cfg.seeds.store, samples_per_insert=replay.samples_per_insert,
-        error_buffer=replay.error_buffer or max(replay.min_size_to_sample,
-                                                2 * cfg.train.batch_size),
-        min_size_to_sample=replay.min_size_to_sample)
+    return dict(capacity_trajectories=replay.capacity, segment_rows=replay.segment_rows,
+                seed=cfg.seeds.store, samples_per_insert=replay.samples_per_insert,
+                error_buffer=replay.error_buffer or max(replay.min_size_to_sample,
+                                                        2 * cfg.train.batch_size),
+                min_size_to_sample=replay.min_size_to_sample)
 
 
 class InlineBatches:
@@ -59,9 +54,10 @@ class InlineBatches:
 
     def __init__(self, cfg: RunConfig, sampler: Sampler) -> None:
         self.cfg = cfg
-        self.store = make_store(cfg)
+        self.store = ReplayStore(**store_settings(cfg))  # memory only
         self.mixture = training_mixture(cfg)
-        self.turns = [ROLES[name] for name in ROLES for _ in range(cfg.runtime.workers.get(name, 0))]
+        self.turns = [role for name, role in ROLES.items()
+                      for _ in range(cfg.runtime.workers.get(name, 0))]
         self.turn = 0
         self.context = RolloutContext(
             sampler, cfg, torch.Generator().manual_seed(cfg.seeds.inline_rollouts),

@@ -11,7 +11,7 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from actors.replay import ReplayStoreActor  # noqa: E402
+from actors.replay import start_store  # noqa: E402
 from actors.rollout import RolloutWorker  # noqa: E402
 from actors.weights import WeightStore  # noqa: E402
 from rtb_ray.config import load_config  # noqa: E402
@@ -36,7 +36,7 @@ def local_ray(cache):
 def test_workers_fill_the_store_with_versioned_trajectories_of_every_role(local_ray, tmp_path):
     config = load_config(CONFIG, [*TINY, "replay.capacity=10000", "replay.segment_rows=64",
                                   "replay.samples_per_insert=null", "replay.min_size_to_sample=1"])
-    store = ReplayStoreActor.remote(config, str(tmp_path / "replay"), "test")
+    store = start_store(config, str(tmp_path / "replay"), "test")
     weights = WeightStore.remote()
     posterior = RolloutWorker.options(num_cpus=0.5).remote(config, "posterior", "post-0", store,
                                                            weights, seed=1)
@@ -96,7 +96,7 @@ def test_both_runtimes_make_batches_with_the_same_role_functions(local_ray, tmp_
     weights = WeightStore.remote()
     for role in ("prior", "posterior"):
         directory = tmp_path / role
-        store = ReplayStoreActor.remote(config, str(directory), "test")
+        store = start_store(config, str(directory), "test")
         worker = RolloutWorker.options(num_cpus=0.5).remote(config, role, role, store, weights,
                                                             seed=11)
         assert ray.get(worker.step.remote(64))["inserted"] == 64
