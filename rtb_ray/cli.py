@@ -200,11 +200,8 @@ def train_in_process(cfg: RunConfig, output: Path, resume: bool, tracking_uri: s
     batches = InlineBatches(cfg, Sampler(run.task, run.learner.prior, run.learner.posterior))
     run.run_dir.start(tracking_uri)
     print(f"run directory: {output}")
-    tracker = run.run_dir.tracker
-    if tracker is not None:
-        verb = "continues" if tracker.resumed else "is"
-        print(f"MLflow: this run {verb} run {tracker.run_id} (experiment "
-              f"{tracker.experiment_name!r}); open it with\n  {tracker.ui_hint()}")
+    if run.run_dir.tracker is not None:
+        print(run.run_dir.tracker.describe())
     try:
         final = train(run, batches, progress=progress)
     except KeyboardInterrupt:
@@ -362,9 +359,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from rtb_ray.learner import make_posterior
-    from rtb_ray.metrics import sum_log_probs
-    from rtb_ray.tasks import make_task
+    from rtb_ray.rollout import Sampler
     from rtb_ray.run_dir import load_run_checkpoint
+    from rtb_ray.tasks import make_task
+    from rtb_ray.trajectory import Source
 
     if args.n < 1:
         raise ConfigError("--n must be >= 1")
@@ -377,16 +375,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     posterior = make_posterior(prior, cfg.train.adapter)
     ckpt = load_run_checkpoint(args.run_dir / "checkpoint.pt", task.name, posterior)
     posterior.load_state_dict(ckpt["learner"]["posterior"])
-    gen = torch.Generator().manual_seed(args.seed)
-    family = task.family
-    cond = task.conditions(args.n)
-    states, log_post = family.sample(posterior, args.n, cond=cond, generator=gen)
-    log_prior = sum_log_probs(family, prior, states, cond)
-    log_r = task.log_reward(states[:, -1], cond)
-    logw = cfg.train.objective.beta * log_r + log_prior - log_post
+    batch = Sampler(task, prior, posterior).rollout(
+        Source.POSTERIOR, args.n, generator=torch.Generator().manual_seed(args.seed))
+    logw = cfg.train.objective.beta * batch.log_reward + batch.log_prior - batch.log_behaviour
     out = args.out if args.out.suffix == ".npz" else args.out.with_name(args.out.name + ".npz")
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, x=states[:, -1].numpy(), logw=logw.numpy(), log_reward=log_r.numpy())
+    np.savez(out, x=batch.terminal.numpy(), logw=logw.numpy(), log_reward=batch.log_reward.numpy())
     print(f"wrote {args.n} samples to {out} (step {ckpt['learner']['step']}, "
           f"mean logw {logw.mean().item():.4f})")
     return 0

@@ -57,15 +57,10 @@ class ObjectiveConfig(Strict):
 
 
 class MassCoveringConfig(Strict):
-    """An optional maximum-likelihood term beside the trajectory loss (off by default: with it,
-    training is "RTB + a mass-covering term", no longer pure RTB). ``num_samples`` prior samples
-    are drawn once and resampled ∝ r^β (the floored, scaled reward of ``objective``): a sample
-    of the target. Each learner step then adds ``weight`` × the family's denoising loss on
-    ``batch_size`` of them. RTB's squared error in log space gives a class whose log r varies
-    much within it about exp(E[β log r]) of mass instead of E[r^β]; the denoising loss fits the
-    mass (a forward KL). ``first_steps`` limits the term to the noisiest chain steps, where the
-    coarse shape (for digits: the class) is drawn. ``warm_start_steps`` first fit the posterior
-    to those samples alone."""
+    """An optional maximum-likelihood term beside RTB (off by default; docs/RESULTS.md, digits):
+    prior samples resampled ∝ r^β are a sample of the target, and each learner step adds
+    ``weight`` × the family's denoising loss on ``batch_size`` of them. It fits class masses
+    that RTB's squared log-space error misweights (exp E[β log r] instead of E[r^β])."""
 
     weight: float = Field(0.0, ge=0, description="× the denoising loss on target samples")
     num_samples: int = Field(20_000, ge=1, description="prior samples resampled ∝ r^β, once")
@@ -138,8 +133,7 @@ class EvalConfig(Strict):
 
 
 class TrackingConfig(Strict):
-    """MLflow tracking of a run. Where the runs are stored is not a config setting: by default a
-    SQLite file in the run directory, or ``rtb-ray train --tracking-uri URI``."""
+    """MLflow tracking of a run (where it is stored is a flag: ``--tracking-uri``)."""
 
     enabled: bool = True
     experiment: str | None = Field(
@@ -150,8 +144,7 @@ class TrackingConfig(Strict):
 
 
 class ReplayConfig(Strict):
-    """The replay store the roles fill and the learner samples, on both runtimes (in process it
-    is memory only: ``persist`` is for the Ray runtime). rtb_ray/replay, docs/REPLAY.md."""
+    """The replay store the roles fill and the learner samples (docs/REPLAY.md)."""
 
     capacity: int = Field(200_000, ge=1, description="trajectories held in memory (FIFO)")
     samples_per_insert: float | None = Field(
@@ -165,7 +158,7 @@ class ReplayConfig(Strict):
         None, ge=1, description="learner draws each source's newer rows more often: a row this "
                                 "many rows older is drawn half as often (None: uniform)"
     )
-    persist: bool = Field(True, description="seal segments to <run>/replay (needed for --resume)")
+    persist: bool = Field(True, description="on Ray, seal segments to <run>/replay (for --resume)")
     segment_rows: int | None = Field(
         None, ge=1, description="rows per sealed segment (default ≈ 64 MiB); every checkpoint "
                                 "also seals what is pending"
@@ -183,8 +176,7 @@ class ReplayConfig(Strict):
 
 def check_worker_counts(counts: dict[str, int], *, total: bool = True) -> dict[str, int]:
     """Rollout workers per role (``runtime.workers``, ``rtb-ray scale``): known roles, whole
-    numbers in 0..MAX_WORKERS_PER_ROLE, and (``total``) at least one worker in all, since a run
-    without workers stalls its learner. Raises ValueError naming the role."""
+    numbers in 0..MAX_WORKERS_PER_ROLE, and (``total``) at least one in all; ValueError."""
     check_role_names(counts, "the worker counts")
     for role, n in counts.items():
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_WORKERS_PER_ROLE:
@@ -197,9 +189,7 @@ def check_worker_counts(counts: dict[str, int], *, total: bool = True) -> dict[s
 
 
 class RuntimeConfig(Strict):
-    """How the roles run. On Ray: rollout workers per role, the learner's resources, weight
-    publishing. In process the roles take turns in the proportions of ``workers``, each making
-    ``rollout_batch_size`` trajectories a turn."""
+    """How the roles run: on Ray, workers per role; in process, turns in those proportions."""
 
     workers: dict[str, int] = Field(
         default_factory=lambda: {"posterior": 1, "prior": 1, "backward": 1},
@@ -302,27 +292,6 @@ def _format_error(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _set_path(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        nxt = node.setdefault(k, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"{dotted}: {k} is not a section")
-        node = nxt
-    node[keys[-1]] = value
-
-
-def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    out = []
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key.path=value")
-        out.append((key.strip(), yaml.safe_load(raw)))
-    return out
-
-
 def validate_config(data: dict[str, Any]) -> RunConfig:
     try:
         return RunConfig.model_validate(data)
@@ -334,8 +303,7 @@ MAX_CONFIG_BYTES = 1 << 20  # a config is a page of YAML; anything larger is not
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML that refuses a key given twice in one mapping (YAML would keep the last silently,
-    e.g. a whole second ``task:`` section replacing the first)."""
+    """YAML that refuses a key given twice in one mapping (YAML keeps the last one silently)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
@@ -370,8 +338,17 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``key.path=value`` settings (values parsed as YAML) written into a config tree."""
-    for key, value in parse_overrides(overrides):
-        _set_path(data, key, value)
+    for item in overrides:
+        dotted, sep, raw = item.partition("=")
+        if not sep or not dotted.strip():
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        *sections, key = dotted.strip().split(".")
+        node = data
+        for name in sections:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{dotted.strip()}: {name} is not a section")
+        node[key] = yaml.safe_load(raw)
     return data
 
 

@@ -1,19 +1,7 @@
-"""A run directory: its files, its checkpoint and its MLflow run, for both runtimes.
-
-    config.yaml        the resolved config
-    metrics.jsonl      one JSON row per log interval ("train") and per evaluation ("eval")
-    eval/step_N.json   evaluation metrics;  eval/step_N.png  a picture of posterior samples
-    final_eval.json    the last evaluation, on eval.final_num_samples samples
-    checkpoint.pt      learner state, RNG, the batch source's state (atomic; weights_only)
-    mlflow_run.json    the MLflow run of this training run (unless tracking.enabled is false)
-    mlflow.db, mlartifacts/   the default MLflow store (unless --tracking-uri names another)
-
-MLflow (rtb_ray/tracking.py) receives the same rows: train rows as ``train/<key>`` and eval rows
-as ``eval/<key>`` metrics at the learner step, the eval PNG/JSON files as artifacts under
-``eval/``, the config as params and ``config.yaml``, and at the end ``final_eval.json``,
-``metrics.jsonl`` and the posterior (PyTorch flavour). ``tracking_s`` is the time spent in
-tracker calls, which only enqueue.
-"""
+"""A run directory (its files: the README, "What a run writes"), its checkpoint and its
+MLflow run, for both runtimes. MLflow gets the same rows as ``metrics.jsonl`` (``train/<key>``
+and ``eval/<key>`` at the learner step), the eval pictures and JSON under ``eval/``, the config,
+and at the end ``final_eval.json``, ``metrics.jsonl`` and the posterior (PyTorch flavour)."""
 
 from __future__ import annotations
 
@@ -58,6 +46,17 @@ def load_run_checkpoint(path: Path, task: str, network: torch.nn.Module | None =
     return ckpt
 
 
+def check_run_dir(output: Path, resume: bool) -> Path:
+    """The checkpoint path; refuses to start over a run, or to resume a missing one."""
+    path = Path(output) / "checkpoint.pt"
+    if resume and not path.exists():
+        raise FileNotFoundError(f"nothing to resume: {path} does not exist")
+    if not resume and path.exists():
+        raise FileExistsError(f"{output} already holds a run; pass --resume {output} to "
+                              f"continue it")
+    return path
+
+
 @dataclass
 class Clock:
     """Wall time of the fine-tuning, and how much of it went to evaluation and to tracking."""
@@ -65,7 +64,7 @@ class Clock:
     start: float = field(default_factory=time.perf_counter)
     offset: float = 0.0  # time already spent before a resume
     eval_s: float = 0.0
-    tracking_s: float = 0.0  # in tracker calls (which only enqueue metrics and artifacts)
+    tracking_s: float = 0.0  # in tracker calls
 
     @property
     def wall_s(self) -> float:
@@ -81,12 +80,7 @@ class RunDir:
 
     def __init__(self, output: Path, cfg: RunConfig, task_name: str, resume: bool) -> None:
         self.output, self.cfg, self.task_name = Path(output), cfg, task_name
-        self.checkpoint_path = self.output / "checkpoint.pt"
-        if resume and not self.checkpoint_path.exists():
-            raise FileNotFoundError(f"nothing to resume: {self.checkpoint_path} does not exist")
-        if not resume and self.checkpoint_path.exists():
-            raise FileExistsError(f"{self.output} already holds a run; pass --resume to "
-                                  f"continue it")
+        self.checkpoint_path = check_run_dir(self.output, resume)
         self.resume = resume
         self.resumed_at: int | None = None
         self.clock = Clock()
@@ -111,7 +105,8 @@ class RunDir:
         (self.output / "config.yaml").write_text(
             yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
         if self.cfg.tracking.enabled:
-            self.tracker = open_run_tracker(self.output, self.cfg, self.task_name, resume=self.resume,
+            self.tracker = open_run_tracker(self.output, self.cfg, self.task_name,
+                                            resume=self.resume,
                                             tracking_uri=tracking_uri, ray_address=ray_address)
             if self.resumed_at is not None:
                 self.tracker.set_tags({"resumed_at_step": self.resumed_at})

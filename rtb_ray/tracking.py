@@ -1,20 +1,11 @@
-"""MLflow tracking: one MLflow run per training run, written without stalling the training loop.
+"""MLflow tracking: one MLflow run per training run, without stalling the training loop.
 
-``MlflowTracker`` owns one MLflow run: it creates it, or continues it by id when a training run
-resumes. Params and tags are written when the run opens, artifacts when they are logged (a few
-files per evaluation) and the final model when the run ends, all synchronously. Metrics go
-through MLflow's own asynchronous logging (``log_batch(..., synchronous=False)``), so
-``log_metrics`` only hands them over and returns; the tracker keeps MLflow's futures and counts
-what was written or failed when ``flush`` or ``close`` waits on them.
-
-Everything goes through an explicit ``MlflowClient`` (no global fluent state), so several
-trackers coexist in one process; a Ray ``Tracker`` actor can host one as it is. Ray is never
-imported here, and MLflow only when a tracker is made.
-
-By default the store is a SQLite file in the run directory (``<run>/mlflow.db``, artifacts in
-``<run>/mlartifacts``); ``<run>/mlflow_run.json`` records the run id so that ``--resume``
-continues the same MLflow run.
-"""
+``MlflowTracker`` creates the run, or continues it by id on ``--resume``
+(``<run>/mlflow_run.json``). Params, tags, artifacts and the final model are written
+synchronously (a few files per evaluation); metrics go through MLflow's asynchronous
+``log_batch``, whose futures ``flush``/``close`` wait on and count. An explicit ``MlflowClient``
+(no fluent global state) lets several trackers share a process. The default store is
+``<run>/mlflow.db`` with artifacts in ``<run>/mlartifacts``."""
 
 from __future__ import annotations
 
@@ -390,13 +381,16 @@ class MlflowTracker:
         return f"models:/{logged.model_id}"
 
     # -- for people ---------------------------------------------------------------------------
-    def ui_hint(self) -> str:
-        """How to look at this run."""
+    def describe(self) -> str:
+        """Which MLflow run this is, and how to look at it."""
         uri = redact_uri(self.tracking_uri)
         if urlsplit(uri).scheme in ("http", "https"):
-            return f"{uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
-        return (f"mlflow ui --backend-store-uri {uri}   "
-                f"(serves http://127.0.0.1:5000, bound to 127.0.0.1 by default)")
+            hint = f"{uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        else:
+            hint = (f"mlflow ui --backend-store-uri {uri}   "
+                    f"(serves http://127.0.0.1:5000, bound to 127.0.0.1 by default)")
+        return (f"MLflow: this run {'continues' if self.resumed else 'is'} run {self.run_id} "
+                f"(experiment {self.experiment_name!r}); open it with\n  {hint}")
 
 
 # -- a training run's tracker ------------------------------------------------------------------

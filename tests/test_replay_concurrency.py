@@ -87,10 +87,10 @@ def test_rate_limiter_allows_one_side_whenever_the_other_is_blocked() -> None:
         assert limiter.can_insert(size) or limiter.can_sample(size)
         if limiter.can_insert(size) and (rng.random() < 0.5 or not limiter.can_sample(size)):
             n = int(rng.integers(1, 20))
-            limiter.on_insert(n)
+            limiter.inserted += n
             size += n
         else:
-            limiter.on_sample(int(rng.integers(1, 40)))
+            limiter.sampled += int(rng.integers(1, 40))
     with pytest.raises(ValueError, match="error_buffer"):
         RateLimiter(samples_per_insert=1.0)
 

@@ -13,12 +13,8 @@ from __future__ import annotations
 
 
 class RateLimiter:
-    def __init__(
-        self,
-        samples_per_insert: float | None = None,
-        error_buffer: float | None = None,
-        min_size_to_sample: int = 1,
-    ) -> None:
+    def __init__(self, samples_per_insert: float | None = None, error_buffer: float | None = None,
+                 min_size_to_sample: int = 1) -> None:
         if min_size_to_sample < 1:
             raise ValueError(f"min_size_to_sample must be >= 1 (got {min_size_to_sample})")
         if samples_per_insert is not None:
@@ -30,8 +26,8 @@ class RateLimiter:
         self.samples_per_insert = samples_per_insert
         self.error_buffer = error_buffer
         self.min_size_to_sample = min_size_to_sample
-        self.inserted = 0  # trajectories, counted by this limiter since it was created
-        self.sampled = 0
+        # trajectories inserted and sampled since this limiter was made (the store adds to them)
+        self.inserted = self.sampled = 0
 
     def warm_start(self, size: int) -> None:
         """A store reopened with ``size`` rows: count them so that the error starts at zero
@@ -62,9 +58,3 @@ class RateLimiter:
         return (f"the writers lag: samples_per_insert={self.samples_per_insert}, "
                 f"{self.inserted} counted inserts, {self.sampled} samples, error {self.error:.0f} "
                 f"< -error_buffer={-self.error_buffer}")
-
-    def on_insert(self, n: int) -> None:
-        self.inserted += n
-
-    def on_sample(self, n: int) -> None:
-        self.sampled += n

@@ -282,7 +282,7 @@ class ReplayStore:
             ids = np.arange(first_id, self._next_id, dtype=np.int64)
             if len(good):
                 self._write(good, ids if all_finite else ids[finite])
-                self._limiter.on_insert(len(good))
+                self._limiter.inserted += len(good)
                 self._counters["inserted"] += len(good)
             if not all_finite:
                 self._keep_aside(replace(rows.take(~finite), id=ids[~finite]))
@@ -360,7 +360,7 @@ class ReplayStore:
             self._check_open()
             arrays = self._ring.gather(sampler.draw(_StoreRows(self), n, self._rng))
             if rate_limited:
-                self._limiter.on_sample(n)
+                self._limiter.sampled += n
             self._counters["sampled" if rate_limited else "sampled_other"] += n
             self._changed.notify_all()
         return self._as_columns(arrays).to_batch()
