@@ -1,11 +1,7 @@
-"""The coordinator: owns a run's rollout workers. One named actor per run.
-
-Its loop keeps ``runtime.max_in_flight`` sampling calls in flight per worker, tallies what each
-call inserted, replaces workers that die (``ray.kill``, a lost node, an OOM kill) and follows
-``scale`` requests: new workers are started at once, surplus ones stop receiving calls and are
-shut down when their calls have returned, so no trajectory that a call inserted is lost.
-``status`` and ``metrics`` are served while the loop runs (``max_concurrency``).
-"""
+"""The coordinator: one named actor per run that owns the rollout workers. It keeps
+``runtime.max_in_flight`` calls in flight per worker, replaces workers that die and follows
+``scale``: surplus workers get no new calls and stop once theirs have returned, so no inserted
+trajectory is lost. ``status`` and ``metrics`` are served meanwhile (``max_concurrency``)."""
 
 from __future__ import annotations
 

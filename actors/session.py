@@ -1,9 +1,6 @@
-"""A run's Ray session: the settings Ray reads when it is imported, starting or joining Ray, and
-``<run>/runtime.json`` (the address and actor names that ``rtb-ray status`` / ``scale`` use).
-
-Imports Ray only inside functions, and nothing heavy (no torch), so that ``rtb-ray status``
-answers in about a second.
-"""
+"""A run's Ray session: what Ray reads on import, starting or joining Ray, and
+``<run>/runtime.json`` for ``rtb-ray status/scale``. No heavy imports (no torch): status answers
+in about two seconds."""
 
 from __future__ import annotations
 
@@ -21,13 +18,11 @@ RUNTIME_FILE = "runtime.json"
 def prepare_ray(address: str | None) -> dict[str, str]:
     """Set what Ray reads on import; call before anything imports Ray. Returns what it set.
 
-    - Token authentication stays on. Ray turns it on for the local instances it starts, but a
-      process that joins one (``--address``, ``rtb-ray status/scale``) must ask for it. The
-      token is ~/.ray/auth_token (or RAY_AUTH_TOKEN); export RAY_AUTH_MODE=disabled to join a
-      cluster that runs without authentication.
-    - Without an address the local Ray serves this machine only: Ray's single-node switch makes
-      every Ray server bind 127.0.0.1. A process joining such an instance (a loopback address)
-      must run in the same mode, or it looks for its raylet on the machine's external address.
+    - Token authentication: Ray enables it for the instances it starts, but a process joining one
+      (``--address``, ``rtb-ray status/scale``) must ask for it (RAY_AUTH_MODE=disabled: join a
+      cluster without authentication).
+    - A local Ray serves this machine only: the single-node switch binds every server to
+      127.0.0.1, and a process joining on loopback must set it too to find its raylet.
     """
     wanted = {"RAY_AUTH_MODE": "token"}
     host = None if address is None else address.rpartition(":")[0]

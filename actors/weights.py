@@ -1,14 +1,8 @@
 """The weight store: the latest ``(version, ObjectRef)`` of the posterior's state dict.
 
-Weights are pulled, not pushed: the learner puts the whole state dict once per publish and
-hands the reference here; workers ask for the latest version at the top of each sampling call
-and fetch the object only when it is newer than what they hold. Only the newest reference is
-kept, so older versions are freed as soon as no worker holds them.
-
-An object made with ``ray.put`` dies with its owner (the learner): if the learner is gone the
-reference fails to resolve, workers keep sampling with what they hold, and a restarted learner
-re-publishes from its checkpoint.
-"""
+Workers pull: they ask for the latest version at each call and fetch it only when newer. Only the
+newest reference is kept, so old versions are freed. A ``ray.put`` object dies with its owner (the
+learner): workers then keep what they hold until a restarted learner publishes again."""
 
 from __future__ import annotations
 

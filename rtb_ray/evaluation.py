@@ -1,9 +1,6 @@
-"""The evaluator: how good the posterior is, against exact target trajectories.
-
-The target pool is a fixed set of prior trajectories; the metrics resample it ∝ r^β for the
-EUBO (RTB.md, "Metrics"). Beside the generic metrics (ELBO, EUBO, ESS, log Z against the
-task's reference), the task adds its own (mode weights, class shares...) and draws a picture.
-"""
+"""The evaluator: the generic metrics (ELBO, EUBO against a fixed pool of prior trajectories
+resampled ∝ r^β, ESS, log Z against the task's reference; RTB.md, "Metrics"), the task's own
+metrics, and its picture of the samples."""
 
 from __future__ import annotations
 

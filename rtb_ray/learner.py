@@ -32,14 +32,8 @@ class Learner:
     record as ``policy_version``. ``target_terminals`` (set by the trainer when
     ``train.mass_covering`` is on) are the samples of the mass-covering term."""
 
-    def __init__(
-        self,
-        family: TransitionFamily,
-        prior: nn.Module,
-        cfg: TrainConfig,
-        device: torch.device | str = "cpu",
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, family: TransitionFamily, prior: nn.Module, cfg: TrainConfig,
+                 device: torch.device | str = "cpu", seed: int = 0) -> None:
         self.family = family
         self.cfg = cfg
         self.device = torch.device(device)
@@ -48,12 +42,9 @@ class Learner:
         self.log_z = torch.zeros((), device=self.device, requires_grad=True)
         self.trainable = [p for p in self.posterior.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(
-            [
-                {"params": self.trainable, "lr": cfg.lr},
-                {"params": [self.log_z], "lr": cfg.lr_log_z},
-            ],
-            fused=self.device.type == "cuda",  # one kernel for all parameters, not dozens
-        )
+            [{"params": self.trainable, "lr": cfg.lr},
+             {"params": [self.log_z], "lr": cfg.lr_log_z}],
+            fused=self.device.type == "cuda")  # one kernel for all parameters, not dozens
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.generator = torch.Generator().manual_seed(seed)
         self.step_count = 0
@@ -84,9 +75,8 @@ class Learner:
     def step(self, batch: TrajectoryBatch) -> dict[str, float]:
         batch = batch.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        stats = rtb_backward(
-            self.family, self.posterior, self.log_z, batch, self.cfg.objective, self.generator
-        )
+        stats = rtb_backward(self.family, self.posterior, self.log_z, batch, self.cfg.objective,
+                             self.generator)
         mass_covering = self.cfg.mass_covering
         if mass_covering.weight > 0 and self.target_terminals is not None:
             x = self._target_batch(mass_covering.batch_size, self.generator)
@@ -105,14 +95,9 @@ class Learner:
         return {**dict(zip(stats, values)), "lr": self.optimizer.param_groups[0]["lr"]}
 
     def state_dict(self) -> dict:
-        return {
-            "posterior": self.posterior.state_dict(),
-            "log_z": self.log_z.detach().cpu(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "generator": self.generator.get_state(),
-            "step": self.step_count,
-        }
+        return {"posterior": self.posterior.state_dict(), "log_z": self.log_z.detach().cpu(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "generator": self.generator.get_state(), "step": self.step_count}
 
     def load_state_dict(self, state: dict) -> None:
         self.posterior.load_state_dict(state["posterior"])

@@ -1,12 +1,9 @@
-"""The training loop, one function for both runtimes, read top to bottom:
+"""The training loop for both runtimes, read top to bottom:
 
     batch → learner step → publish → log → evaluate → checkpoint
 
-What it needs comes in as objects with one job each: the ``Learner`` (posterior, log Z, the
-step), a ``BatchSource`` (rtb_ray/batches.py: inline roles in process, the replay store actor on
-Ray; it publishes weights after each step), an ``Evaluator`` (target pool, metrics, plots) and a
-``RunDir`` (files, checkpoint, MLflow). ``prepare`` builds them; building never trains.
-"""
+``prepare`` builds its parts (learner, evaluator, run directory; the batch source comes from the
+runtime); building never trains."""
 
 from __future__ import annotations
 

@@ -25,16 +25,9 @@ from rtb_ray.transitions import TransitionFamily
 PRIOR_FORMAT = "rtb-ray-prior/1"
 
 
-def pretrain_prior(
-    family: TransitionFamily,
-    net: nn.Module,
-    sample_data: Callable[[int, torch.Generator], Tensor],
-    steps: int,
-    batch_size: int,
-    lr: float,
-    seed: int = 0,
-    progress: bool = True,
-) -> list[float]:
+def pretrain_prior(family: TransitionFamily, net: nn.Module,
+                   sample_data: Callable[[int, torch.Generator], Tensor], steps: int,
+                   batch_size: int, lr: float, seed: int = 0, progress: bool = True) -> list[float]:
     """Fit ``net`` so that the family's process ends in the data distribution (Adam, cosine
     learning rate). Returns the loss every 100 steps."""
     gen = torch.Generator().manual_seed(seed)
@@ -81,11 +74,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def save_prior(path: Path, task: str, spec: dict, net: nn.Module, stats: dict) -> None:
-    atomic_torch_save(
-        {"format": PRIOR_FORMAT, "task": task, "spec": spec, "state_dict": net.state_dict(),
-         "stats": stats},
-        path,
-    )
+    atomic_torch_save({"format": PRIOR_FORMAT, "task": task, "spec": spec,
+                       "state_dict": net.state_dict(), "stats": stats}, path)
 
 
 def load_prior(path: Path, task: str, spec: dict) -> tuple[dict, dict]:

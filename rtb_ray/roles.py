@@ -1,14 +1,9 @@
-"""The rollout roles: who makes which trajectories for the replay store. Defined once, here.
+"""The rollout roles: who makes which trajectories for the replay store, defined once here.
 
-Config validation (``train.sources``, ``runtime.workers``), the learner's batch mixture
-(``training_mixture``), worker dispatch, per-role seeds (``config.Seeds``) and ``rtb-ray status``
-all derive from ``ROLES``. Both runtimes call the same role functions: Ray's rollout workers
-(actors/rollout.py) and the in-process batch source (rtb_ray/batches.py), each inserting what a
-role made into a replay store that the learner samples with ``training_mixture``.
-
-A new role is one function and one registry entry. This module imports torch only when a role
-runs, so that config validation and ``rtb-ray status/scale`` stay light.
-"""
+Config validation, the learner's mixture (``training_mixture``), worker dispatch, per-role seeds
+and ``rtb-ray status`` derive from ``ROLES``; Ray workers and the in-process source call the same
+role functions. A new role is one function and one entry. torch is imported only when a role
+runs, so config validation and ``rtb-ray status`` stay light."""
 
 from __future__ import annotations
 

@@ -1,17 +1,9 @@
 """The task contract, and where a task comes from.
 
-A task is one Python module exporting ``Config`` (a pydantic model of its settings, with a
-``name: str`` field) and ``make_task(config) -> Task``. ``task.name`` in a run config names it:
-
-- a built-in task, a bare identifier: ``gmm25`` is the module ``pipelines.gmm25``;
-- an importable module, a dotted path: ``my_tasks.ring`` (on ``PYTHONPATH`` or installed);
-- a file, a path ending in ``.py``: ``./ring.py`` (resolved against the current directory when
-  the config is loaded; the validated config holds the absolute path).
-
-Nothing else in the system knows about a task's prior, reward or evaluation: code outside the
-task uses only the members of ``Task`` and ``TransitionFamily`` (docs/examples/ring_task.py
-is a complete one-file task).
-"""
+A task is a module exporting ``Config`` (a pydantic model with a ``name`` field) and
+``make_task(config) -> Task``. ``task.name`` is a built-in task (``gmm25``: ``pipelines.gmm25``),
+a dotted module (``my_tasks.ring``) or a ``.py`` file (made absolute when the config is loaded).
+Code outside a task uses only ``Task`` and ``TransitionFamily`` (docs/examples/ring_task.py)."""
 
 from __future__ import annotations
 
