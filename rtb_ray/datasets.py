@@ -58,18 +58,25 @@ def _find(root: Path, name: str) -> Path | None:
 
 def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 + 4 * ndim:
-        raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes)")
-    found = int.from_bytes(raw[:4], "big")
-    if found != magic:
-        raise ValueError(f"{path}: bad IDX magic 0x{found:08x}, expected 0x{magic:08x}")
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    data = raw[4 + 4 * ndim :]
-    expected = math.prod(dims)  # exact Python ints: a hostile header cannot overflow it
-    if len(data) != expected:  # shorter means truncated; longer means the header is wrong
-        raise ValueError(f"{path}: header {dims} needs {expected} data bytes, found {len(data)}")
+    try:
+        with opener(path, "rb") as f:
+            header = f.read(4 + 4 * ndim)
+            if len(header) < 4 + 4 * ndim:
+                raise ValueError(f"{path}: truncated IDX header ({len(header)} bytes)")
+            found = int.from_bytes(header[:4], "big")
+            if found != magic:
+                raise ValueError(f"{path}: bad IDX magic 0x{found:08x}, expected 0x{magic:08x}")
+            dims = tuple(int(d) for d in np.frombuffer(header, dtype=">u4", offset=4))
+            expected = math.prod(dims)  # exact Python ints: a hostile header cannot overflow it
+            if opener is open and path.stat().st_size - len(header) != expected:
+                found = path.stat().st_size - len(header)
+            else:  # inflate no more than the header promises (a gzip bomb stops here)
+                found = len(data := f.read(expected + 1))
+    except (OSError, EOFError) as err:  # not gzip, truncated stream, unreadable
+        raise ValueError(f"{path}: cannot be read ({err})") from None
+    if found != expected:  # shorter means truncated; longer means the header is wrong
+        raise ValueError(f"{path}: header {dims} needs {expected} data bytes, found "
+                         f"{'more' if found > expected else found}")
     return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
@@ -92,28 +99,74 @@ def load_mnist(root: str | Path, split: Split = "train") -> Arrays:
 
 
 # CIFAR-10 "python version" (https://www.cs.toronto.edu/~kriz/cifar.html): pickled dict batches.
-# numpy 2 renamed numpy.core to numpy._core; resolve here once, never by the pickle's own name.
-try:
-    from numpy._core.multiarray import _reconstruct
-    from numpy._core.numeric import _frombuffer
-except ImportError:  # pragma: no cover - numpy 1.x
-    from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
-    from numpy.core.numeric import _frombuffer  # type: ignore[no-redef]
-
-# Pickle can call any importable function; a CIFAR batch needs only numpy array reconstruction.
-# Protocol-5 pickles rebuild arrays with _frombuffer (a plain copy); older ones with _reconstruct.
+# Pickle can call any importable function, and even numpy's own array and dtype reconstruction
+# (``__setstate__``) crashes the interpreter on crafted states. So nothing of numpy runs while
+# unpickling: arrays and dtypes are loaded as inert stubs that only record their arguments, and
+# are built afterwards from validated plain values (a shape, a numeric dtype, a byte string).
 _NUMPY_CORE = ("numpy.core", "numpy._core")
-_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    **{(f"{pkg}.multiarray", "_reconstruct"): _reconstruct for pkg in _NUMPY_CORE},
-    **{(f"{pkg}.numeric", "_frombuffer"): _frombuffer for pkg in _NUMPY_CORE},
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): codecs.encode,  # how protocol <= 2 pickles spell bytes objects
-}
+_PLAIN_DTYPES = {"b1", "u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f4", "f8"}
 
 
 class RefusedGlobalError(pickle.UnpicklingError):
     """A pickle asked for a global that a CIFAR batch never needs (possibly malicious)."""
+
+
+class _Stub:
+    """An array or dtype as the pickle describes it: constructor arguments, then its state."""
+
+    def __init__(self, *args: Any) -> None:
+        self.args, self.state = args, None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+class _DtypeStub(_Stub):
+    def build(self) -> np.dtype:
+        spec = self.args[0] if self.args and isinstance(self.args[0], str) else None
+        # a plain number type's state is exactly (3, order, None, None, None, -1, -1, 0)
+        state = self.state if isinstance(self.state, tuple) and len(self.state) == 8 else ()
+        order = state[1] if state and isinstance(state[1], str) else None
+        if spec not in _PLAIN_DTYPES or order not in ("<", ">", "|", "=") or (
+                state[:1] + state[2:] != (3, None, None, None, -1, -1, 0)):
+            raise ValueError(f"dtype {spec!r} with state {self.state!r} is not a plain number "
+                             f"type")
+        return np.dtype(spec).newbyteorder(order if order in "<>" else "=")
+
+
+class _ArrayStub(_Stub):
+    def build(self) -> np.ndarray:  # ndarray.__reduce__'s state: (1, shape, dtype, fortran, raw)
+        if not (isinstance(self.state, tuple) and len(self.state) == 5):
+            raise ValueError("malformed array state")
+        _, shape, dtype, fortran, raw = self.state
+        return _array(raw, dtype, shape, "F" if fortran is True else "C")
+
+
+def _array(raw: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
+    if not (isinstance(dtype, _DtypeStub) and isinstance(raw, (bytes, bytearray))
+            and isinstance(shape, tuple) and all(type(d) is int and d >= 0 for d in shape)):
+        raise ValueError("malformed array")
+    dt = dtype.build()
+    if len(raw) != math.prod(shape) * dt.itemsize:
+        raise ValueError(f"array of shape {shape} needs {math.prod(shape) * dt.itemsize} bytes, "
+                         f"has {len(raw)}")
+    return np.frombuffer(bytes(raw), dt).reshape(shape, order="F" if order == "F" else "C")
+
+
+def _reconstruct(cls: Any, *_: Any) -> _ArrayStub:
+    if cls is not _ArrayStub:
+        raise ValueError("array reconstruction of another class")
+    return _ArrayStub()
+
+
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    **{(f"{pkg}.multiarray", "_reconstruct"): _reconstruct for pkg in _NUMPY_CORE},
+    # protocol 5 pickles rebuild arrays with _frombuffer(raw, dtype, shape, order)
+    **{(f"{pkg}.numeric", "_frombuffer"): _array for pkg in _NUMPY_CORE},
+    ("numpy", "ndarray"): _ArrayStub,
+    ("numpy", "dtype"): _DtypeStub,
+    ("_codecs", "encode"): codecs.encode,  # how protocol <= 2 pickles spell bytes objects
+}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -135,11 +188,19 @@ def _read_cifar_batch(path: Path) -> Arrays:
             batch = _RestrictedUnpickler(f, path).load()
         except RefusedGlobalError:
             raise
-        except (EOFError, pickle.UnpicklingError) as e:
+        except (EOFError, pickle.UnpicklingError, ValueError, TypeError, IndexError,
+                KeyError, AttributeError, MemoryError) as e:  # what a crafted stream can raise
             raise ValueError(f"{path}: truncated or corrupt pickle ({e})") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise ValueError(f"{path}: expected a dict with keys b'data' and b'labels'")
-    data, labels = batch[b"data"], np.asarray(batch[b"labels"])
+    try:
+        data, labels = (v.build() if isinstance(v, _Stub) else v
+                        for v in (batch[b"data"], batch[b"labels"]))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    if isinstance(labels, list) and not all(type(v) is int for v in labels):
+        raise ValueError(f"{path}: b'labels' must be integers")
+    labels = np.asarray(labels)
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape[1:] == (3072,)):
         desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise ValueError(f"{path}: b'data' must be uint8 [N, 3072], got {desc}")

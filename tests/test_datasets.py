@@ -296,3 +296,78 @@ def test_load_images_dispatch(tmp_path: Path) -> None:
 def test_load_images_bad_arguments(source: str, root: str | None, split: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         load_images(source, root, split)  # type: ignore[arg-type]
+
+
+class _CraftedDtype:
+    """numpy.dtype('u1') with a forged BUILD state (an element size numpy trusts): given to
+    numpy's own __setstate__ this crashed the interpreter (exit 139)."""
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (np.dtype, ("u1", False, True), (3, "|", None, None, None, 1 << 30, 1, 0))
+
+
+class _ArrayWithCraftedDtype:
+    def __init__(self, data: np.ndarray) -> None:
+        self.data = data
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        from numpy._core.multiarray import _reconstruct
+
+        state = (1, self.data.shape, _CraftedDtype(), False, self.data.tobytes())
+        return (_reconstruct, (np.ndarray, (0,), b"b"), state)
+
+
+def test_cifar10_forged_numpy_state_never_reaches_numpy(tmp_path: Path) -> None:
+    data, labels = _cifar_batch(n=2, seed=5)
+    raw = pickle.dumps({b"data": _ArrayWithCraftedDtype(data), b"labels": labels}, protocol=2)
+    assert b"numpy\ndtype" in raw and b"_reconstruct" in raw
+    (tmp_path / "test_batch").write_bytes(raw)
+    # numpy itself would take the forged element size; the reader refuses it, in one line
+    with pytest.raises(ValueError, match=r"test_batch: dtype 'u1' with state .* is not a plain"):
+        load_cifar10(tmp_path, split="test")
+
+
+@pytest.mark.parametrize("state", [
+    (1, (2, 3072), "not a dtype", False, b"\0" * 6144),   # dtype of another kind
+    (1, (2, 3072), None, False, b"\0" * 10),             # too few bytes for the shape
+    (1, (-1,), None, False, b"\0"),                      # negative dimension
+    (1, (2, 3072)),                                      # truncated state
+])
+def test_cifar10_malformed_array_states_are_one_line(tmp_path: Path, state: tuple) -> None:
+    from numpy._core.multiarray import _reconstruct
+
+    class Forged:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            full = state if state[2:3] != (None,) else (*state[:2], np.dtype("u1"), *state[3:])
+            return (_reconstruct, (np.ndarray, (0,), b"b"), full)
+
+    (tmp_path / "test_batch").write_bytes(pickle.dumps({b"data": Forged(), b"labels": [0, 1]},
+                                                       protocol=2))
+    with pytest.raises(ValueError, match=r"test_batch: ") as err:
+        load_cifar10(tmp_path, split="test")
+    assert "\n" not in str(err.value)
+
+
+def test_mnist_gzip_bomb_stops_at_the_size_the_header_promises(tmp_path: Path) -> None:
+    pixels, labels = _mnist_arrays(n=2)
+    _write_mnist(tmp_path, "train", pixels, labels, gz=False)
+    bomb = tmp_path / "train-images-idx3-ubyte"
+    with gzip.open(bomb.with_name(bomb.name + ".gz"), "wb") as f:  # 2 images, then 64 MiB more
+        f.write(_idx_bytes(pixels, 0x803))
+        for _ in range(64):
+            f.write(bytes(1 << 20))
+    bomb.unlink()
+    assert (tmp_path / "train-images-idx3-ubyte.gz").stat().st_size < 1 << 20
+    with pytest.raises(ValueError, match=r"needs 1568 data bytes, found more"):
+        load_mnist(tmp_path)
+
+
+@pytest.mark.parametrize("content", [b"not gzip at all", b"\x1f\x8b\x08\x00"])  # junk, truncated
+def test_mnist_bad_gzip_is_one_line(tmp_path: Path, content: bytes) -> None:
+    pixels, labels = _mnist_arrays(n=2)
+    _write_mnist(tmp_path, "train", pixels, labels, gz=False)
+    (tmp_path / "train-images-idx3-ubyte").unlink()
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(content)
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.gz: ") as err:
+        load_mnist(tmp_path)
+    assert "\n" not in str(err.value)
