@@ -335,11 +335,18 @@ def columns_from_batch(batch: TrajectoryBatch, *, run: str = "", worker: str = "
 
     b = len(batch)
     stamp = time.time_ns() // 1000 if created_at is None else int(created_at.timestamp() * 1e6)
+    # checked before the cast to int8, which would wrap 260 to a valid-looking 4
+    source = array(batch.source)
+    bad = (source < 0) | (source >= len(SOURCE_NAMES))
+    if source.dtype.kind not in "iu" or bad.any():
+        what = source.dtype if source.dtype.kind not in "iu" else f"code {source[bad][0]}"
+        raise ValueError(f"field 'source': {what} is not a Source code "
+                         f"(0..{len(SOURCE_NAMES) - 1}: {', '.join(SOURCE_NAMES)})")
     return TrajectoryColumns(
         id=np.arange(first_id, first_id + b, dtype=np.int64),
         run=np.zeros(b, np.int32),
         policy_version=array(batch.policy_version, _INT64),
-        source=array(batch.source, _INT8),
+        source=source.astype(_INT8, copy=False),
         worker=np.zeros(b, np.int32),
         states=array(batch.states),
         cond=None if batch.cond is None else array(batch.cond),

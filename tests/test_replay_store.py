@@ -252,6 +252,48 @@ def test_recovery_adopts_complete_orphans_and_drops_the_rest(tmp_path: Path) -> 
     assert (tmp_path / "segment-00000008.arrow").exists()  # numbering moved past the orphan
 
 
+@pytest.mark.parametrize("codes", [[0, 1, 99], [-3, 0, 1], [2.0, 2.0, 2.0], [260, 0, 0]])
+def test_torch_batch_with_invalid_source_codes_is_rejected_whole(tmp_path: Path, codes) -> None:
+    store = ReplayStore(tmp_path, capacity_trajectories=100, segment_rows=10)
+    store.insert(batch(24))
+    bad = batch(3)
+    bad.source = torch.tensor(codes)  # 260 would wrap to a valid-looking 4 in int8
+    result = store.insert(bad)
+    assert result.status == InsertStatus.REJECTED and "field 'source'" in result.reason
+    assert store.stats()["rejected_batches"] == 1 and store.size == 24
+    store.close()  # the sealer never saw the bad rows: every acknowledged row is on disk
+    assert ReplayStore(tmp_path, capacity_trajectories=100).size == 24
+
+
+def test_ids_continue_after_the_stored_ones_when_the_manifest_lags(tmp_path: Path) -> None:
+    store = ReplayStore(tmp_path, capacity_trajectories=100, segment_rows=10)
+    store.insert(batch(30))
+    store.close()
+    manifest_path = tmp_path / "_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["next_id"] = 3  # behind the ids on disk
+    manifest_path.write_text(json.dumps(manifest))
+    reopened = ReplayStore(tmp_path, capacity_trajectories=100, segment_rows=10)
+    assert reopened.insert(batch(2)).first_id == 30
+    assert len(set(held_ids(reopened))) == reopened.size == 32
+    reopened.close()
+
+
+@pytest.mark.parametrize("junk", [b"", b"{not json", b"\xff\xfe", b"[1, 2]", b'{"format": 1}'])
+def test_a_corrupt_manifest_is_set_aside_and_rebuilt(tmp_path: Path, junk: bytes) -> None:
+    store = ReplayStore(tmp_path, capacity_trajectories=100, segment_rows=10)
+    store.insert(batch(30))
+    store.close()
+    (tmp_path / "_manifest.json").write_bytes(junk)
+    with pytest.warns(CorruptSegmentWarning, match=r"_manifest.json is unreadable"):
+        reopened = ReplayStore(tmp_path, capacity_trajectories=100, segment_rows=10)
+    assert held_ids(reopened) == list(range(30))
+    assert reopened.insert(batch(1)).first_id == 30
+    reopened.close()
+    assert len(list(tmp_path.glob("_corrupt-*-_manifest.json"))) == 1
+    assert json.loads((tmp_path / "_manifest.json").read_text())["next_id"] == 31
+
+
 def test_sealing_failure_is_reported_to_writers(tmp_path: Path) -> None:
     store = ReplayStore(tmp_path / "store", capacity_trajectories=100, segment_rows=10)
     store.insert(batch(5))
@@ -261,7 +303,8 @@ def test_sealing_failure_is_reported_to_writers(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="sealing a replay segment failed"):
         for _ in range(100):
             store.insert(batch(10), timeout=5)
-    store.close()
+    with pytest.raises(RuntimeError, match=r"\d+ acknowledged rows are not on disk"):
+        store.close()  # the rows it acknowledged are not silently dropped
 
 
 # -- open format -------------------------------------------------------------------------------

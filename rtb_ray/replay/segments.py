@@ -111,9 +111,18 @@ class SegmentDirectory:
         for leftover in self.path.glob(".*.tmp"):  # a crash mid-write: never visible, drop
             leftover.unlink()
         manifest = self.path / MANIFEST
+        changed = False
         if manifest.exists():
-            self._load_manifest(json.loads(manifest.read_text()), layout)
-        changed = self._adopt_orphans()
+            try:
+                self._load_manifest(json.loads(manifest.read_text()), layout)
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+                # the segments carry everything the manifest says: rebuild it from them
+                self.layout, self.segments, self.next_id, self.next_segment = layout, [], 0, 0
+                self._set_aside(MANIFEST, f"is unreadable ({type(e).__name__}: {e}); rebuilt "
+                                          f"from the segments")
+                self.corrupt -= 1  # not a segment
+                changed = True
+        changed |= self._adopt_orphans()
         for segment in [s for s in self.segments if not (self.path / s.file).exists()]:
             self._set_aside(segment.file, "is listed in the manifest but missing")
             changed = True
@@ -122,7 +131,9 @@ class SegmentDirectory:
 
     # -- manifest ------------------------------------------------------------------------------
     def _load_manifest(self, manifest: dict, layout: TrajectoryLayout | None) -> None:
-        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise TypeError(f"not a {FORMAT} manifest")
+        if manifest.get("version") != VERSION:  # another version's: not ours to rebuild
             raise ValueError(f"{self.path / MANIFEST}: not a {FORMAT} v{VERSION} manifest")
         if manifest["layout"] is not None:  # None: nothing was ever sealed
             stored = TrajectoryLayout.from_json(manifest["layout"])
@@ -133,8 +144,9 @@ class SegmentDirectory:
                     raise ValueError(f"{self.path} holds another layout: {e}") from None
             self.layout = stored
         self.segments = [Segment(**s) for s in manifest["segments"]]
-        self.next_id = manifest["next_id"]
-        self.next_segment = manifest["next_segment"]
+        # ids continue after the largest stored one, whatever the manifest's counter says
+        self.next_id = max([int(manifest["next_id"])] + [s.last_id + 1 for s in self.segments])
+        self.next_segment = int(manifest["next_segment"])
 
     def write_manifest(self) -> None:
         manifest = {
@@ -235,5 +247,5 @@ class SegmentDirectory:
             aside = path.with_name(f"_corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{file}")
             os.replace(path, aside)
             moved = f", moved to {aside.name}"
-        warnings.warn(f"replay segment {path} {reason}: skipped{moved}", CorruptSegmentWarning,
+        warnings.warn(f"replay file {path} {reason}: skipped{moved}", CorruptSegmentWarning,
                       stacklevel=3)

@@ -442,13 +442,18 @@ class ReplayStore:
             raise RuntimeError("the replay store is closed")
 
     def close(self) -> None:
-        """Seal what is left and stop; inserts and samples fail from now on."""
+        """Seal what is left and stop; inserts and samples fail from now on. Raises if rows that
+        inserts acknowledged could not be sealed (a failed disk): no silent loss."""
         with self._lock:
             self._closing = True
             self._changed.notify_all()
         if self._disk is not None:
             self._sealer.join()
             self._disk.close()
+            if self._seal_error is not None:
+                raise RuntimeError(f"sealing a replay segment failed: {self._seal_error!r}; "
+                                   f"{self._stop - self._sealed} acknowledged rows are not on "
+                                   f"disk")
 
     # -- counters ------------------------------------------------------------------------------
     def stats(self) -> dict[str, float | int]:
