@@ -62,7 +62,7 @@ class Config(PriorCheckpointConfig):
     combine: Literal["max", "sum"] = Field(
         "max", description="log r = log max (or log Σ) of p(c|x) over the allowed classes"
     )
-    num_steps: int = Field(20, ge=1, description="T, DDPM steps")
+    num_steps: int = Field(20, ge=1, le=10_000, description="T, DDPM steps")
     min_std: float = Field(1e-3, gt=0, description="floor on each reverse step's std")
     hidden: int = Field(512, ge=1)
     depth: int = Field(3, ge=0)

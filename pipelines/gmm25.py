@@ -83,7 +83,7 @@ class Config(PriorCheckpointConfig):
     """Settings of the 25→9 task (the ``task:`` section of a run config)."""
 
     name: Literal["gmm25"] = "gmm25"
-    num_steps: int = Field(100, ge=1, description="T, steps of the diffusion")
+    num_steps: int = Field(100, ge=1, le=10_000, description="T, steps of the diffusion")
     sigma: float = Field(math.sqrt(5.0), gt=0, description="noise scale; step variance σ²/T")
     learn_variance: bool = Field(True, description="the network also scales each step variance")
     hidden: int = Field(128, ge=1)

@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"train": cmd_train, "status": cmd_status, "scale": cmd_scale,
                     "pretrain": cmd_pretrain, "guidance": cmd_guidance, "sample": cmd_sample}
         return commands[args.command](args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (ConfigError, OSError, ValueError) as err:  # config, I/O, checkpoint, data
         print(f"rtb-ray: error: {err}", file=sys.stderr)
         return 2
 

@@ -126,10 +126,13 @@ class TrainConfig(Strict):
         return v
 
 
+MAX_EVAL_SAMPLES = 1_000_000  # each keeps T+1 states in memory: more is a typo, not a setting
+
+
 class EvalConfig(Strict):
     every_steps: int = Field(500, ge=1)
-    num_samples: int = Field(10_000, ge=10)
-    final_num_samples: int = Field(50_000, ge=10)
+    num_samples: int = Field(10_000, ge=10, le=MAX_EVAL_SAMPLES)
+    final_num_samples: int = Field(50_000, ge=10, le=MAX_EVAL_SAMPLES)
 
 
 class TrackingConfig(Strict):
@@ -146,7 +149,8 @@ class TrackingConfig(Strict):
 class ReplayConfig(Strict):
     """The replay store the roles fill and the learner samples (docs/REPLAY.md)."""
 
-    capacity: int = Field(200_000, ge=1, description="trajectories held in memory (FIFO)")
+    capacity: int = Field(200_000, ge=1, le=1 << 30,
+                          description="trajectories held in memory (FIFO)")
     samples_per_insert: float | None = Field(
         4.0, gt=0, description="target learner samples per inserted trajectory (None: no limit)"
     )
@@ -208,6 +212,9 @@ class RuntimeConfig(Strict):
     call_timeout_s: float = Field(
         60.0, gt=0, description="a worker call waiting longer for the store or for fresh "
                                 "weights returns without a batch (and is counted)")
+    learner_max_restarts: int = Field(
+        2, ge=0, le=100, description="times a learner that died (killed, node lost, OOM) is "
+                                     "restarted from the last checkpoint before the run fails")
     sample_timeout_s: float = Field(
         600.0, gt=0, description="the learner fails when the store has no batch for it this long")
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -73,6 +74,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
+def read_checkpoint(path: Path, what: str) -> Any:
+    """``torch.load`` of tensors and plain values only (``weights_only``). A file that is not one
+    (random bytes, a directory, a truncated file, a pickle that would run code) is a one-line
+    ValueError naming it; torch's own message would suggest ``weights_only=False``: never."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} is not {what} (a weights-only load refused it: it is not a "
+                         f"file of tensors and plain values)") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path} is not {what} ({type(err).__name__}: {first})") from None
+
+
 def save_prior(path: Path, task: str, spec: dict, net: nn.Module, stats: dict) -> None:
     atomic_torch_save({"format": PRIOR_FORMAT, "task": task, "spec": spec,
                        "state_dict": net.state_dict(), "stats": stats}, path)
@@ -81,7 +96,7 @@ def save_prior(path: Path, task: str, spec: dict, net: nn.Module, stats: dict) -
 def load_prior(path: Path, task: str, spec: dict) -> tuple[dict, dict]:
     """The state dict and stats of a prior checkpoint; refuses one made for another task or
     another network/transition spec."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path, "an rtb-ray prior checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != PRIOR_FORMAT:
         raise ValueError(f"{path} is not an rtb-ray prior checkpoint")
     if ckpt["task"] != task:

@@ -5,18 +5,20 @@ and at the end ``final_eval.json``, ``metrics.jsonl`` and the posterior (PyTorch
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import yaml
 
 from rtb_ray.config import RunConfig, config_to_dict
-from rtb_ray.pretrain import atomic_torch_save
+from rtb_ray.pretrain import atomic_torch_save, read_checkpoint
 from rtb_ray.tracking import MlflowTracker, open_run_tracker
 
 CHECKPOINT_FORMAT = "rtb-ray-run/1"
@@ -31,7 +33,7 @@ def write_json(path: Path, obj: dict) -> None:
 def load_run_checkpoint(path: Path, task: str, network: torch.nn.Module | None = None) -> dict:
     """A run checkpoint (``weights_only``), refused with a ValueError if it is not one, is of
     another task, or (given the task's ``network``) holds a posterior of another shape."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path, "an rtb-ray run checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an rtb-ray run checkpoint")
     if ckpt["task"] != task:
@@ -46,9 +48,30 @@ def load_run_checkpoint(path: Path, task: str, network: torch.nn.Module | None =
     return ckpt
 
 
+LOCK_FILE = ".lock"
+
+
+def _lock(output: Path) -> IO[str] | None:
+    """``<run>/.lock``, held by this process (None: another live process holds it). The kernel
+    releases it when the holder dies, even by SIGKILL, so a crashed run can be resumed."""
+    f = open(Path(output) / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
 def check_run_dir(output: Path, resume: bool) -> Path:
-    """The checkpoint path; refuses to start over a run, or to resume a missing one."""
+    """The checkpoint path; refuses to start over a run, to resume a missing one, or to touch a
+    directory that a live run holds (``RunDir.start`` takes its lock)."""
     path = Path(output) / "checkpoint.pt"
+    if (Path(output) / LOCK_FILE).exists():
+        if (held := _lock(output)) is None:
+            owner = (Path(output) / LOCK_FILE).read_text().strip() or "another process"
+            raise FileExistsError(f"{output} is in use by a live run ({owner}); stop it first")
+        held.close()
     if resume and not path.exists():
         raise FileNotFoundError(f"nothing to resume: {path} does not exist")
     if not resume and path.exists():
@@ -85,6 +108,7 @@ class RunDir:
         self.resumed_at: int | None = None
         self.clock = Clock()
         self.tracker: MlflowTracker | None = None
+        self._lock: IO[str] | None = None
         self.last: dict[str, dict[str, Any]] = {"train": {}, "eval": {}}  # newest row per kind
 
     def load_checkpoint(self, network: torch.nn.Module) -> dict | None:
@@ -102,6 +126,12 @@ class RunDir:
         """Write config.yaml and open the MLflow run (last, so that a run that fails to start
         leaves no MLflow run behind)."""
         (self.output / "eval").mkdir(parents=True, exist_ok=True)
+        self._lock = _lock(self.output)  # one live writer per run directory, held until close
+        if self._lock is None:
+            raise FileExistsError(f"{self.output} is in use by a live run; stop it first")
+        self._lock.truncate(0)
+        self._lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self._lock.flush()
         (self.output / "config.yaml").write_text(
             yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
         if self.cfg.tracking.enabled:
@@ -165,10 +195,12 @@ class RunDir:
                 print(f"rtb-ray: warning: could not log the posterior to MLflow: {err}")
 
     def close(self, status: str) -> None:
-        """End the MLflow run: FINISHED, KILLED (Ctrl-C) or FAILED."""
-        if self.tracker is None:
-            return
-        counters = self.tracker.close(status)
-        if counters.failed or counters.artifacts_failed:
-            print(f"rtb-ray: warning: MLflow failed to write {counters.failed} metric points, "
-                  f"{counters.artifacts_failed} artifacts (last error: {self.tracker.last_error})")
+        """End the MLflow run (FINISHED, KILLED on Ctrl-C, or FAILED); release the directory."""
+        if self.tracker is not None:
+            counters = self.tracker.close(status)
+            if counters.failed or counters.artifacts_failed:
+                print(f"rtb-ray: warning: MLflow failed to write {counters.failed} metric "
+                      f"points, {counters.artifacts_failed} artifacts (last error: "
+                      f"{self.tracker.last_error})")
+        if self._lock is not None:
+            self._lock.close()

@@ -60,6 +60,10 @@ def sets(items: list[str]) -> list[str]:
         ("task.num_steps=0", "task.num_steps: Input should be greater than or equal to 1"),
         ("train.objective.kind=ppo", "train.objective.kind"),
         ("train.sources={posterior: 1, replay: 1}", "unknown source 'replay'"),
+        # sizes that are typos, not settings: refused before anything allocates them
+        ("eval.num_samples=100000000", "eval.num_samples: Input should be less than or equal"),
+        ("task.num_steps=1000000", "task.num_steps: Input should be less than or equal to 10000"),
+        ("replay.capacity=99999999999", "replay.capacity: Input should be less than or equal"),
         # checked against the task (T = 100 here) before Ray starts or the prior is pretrained
         ("train.mass_covering={weight: 1, first_steps: 999}",
          "train.mass_covering.first_steps: 999 is more than the task's 100 steps"),
@@ -104,6 +108,15 @@ def test_ctrl_c_checkpoints_and_resume_continues(tmp_path, cache):
         (run / "metrics.jsonl").exists() and '"train"' in (run / "metrics.jsonl").read_text()
     ):
         time.sleep(0.2)
+    # while it runs, the directory is its own: neither runtime may resume or restart into it
+    config_before = (run / "config.yaml").read_bytes()
+    for extra in (["--in-process", "--resume"], ["--resume"], ["--in-process"]):
+        busy = rtb_ray("train", str(CONFIG), *extra, "--output", str(run), *sets(long),
+                       cache=cache)
+        assert busy.returncode == 2 and "is in use by a live run (pid" in busy.stderr, busy.stderr
+        assert len(busy.stderr.strip().splitlines()) == 1
+    assert (run / "config.yaml").read_bytes() == config_before
+    assert not (run / "runtime.json").exists()
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130
@@ -237,3 +250,72 @@ def test_a_store_that_could_never_fill_is_refused(tmp_path, override, expected):
                    cache=tmp_path)
     assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+class _RunsCode:
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, ("echo pwned",))
+
+
+def _bad_checkpoints(tmp_path: Path) -> dict[str, Path]:
+    """Files a user might point a checkpoint setting at by mistake (or an attacker on purpose)."""
+    files = {"random": os.urandom(4096), "empty": b"", "code": None}
+    out = {}
+    for name, data in files.items():
+        path = tmp_path / f"{name}.pt"
+        if data is None:
+            torch.save({"format": "rtb-ray-prior/1", "x": _RunsCode()}, path)
+        else:
+            path.write_bytes(data)
+        out[name] = path
+    (tmp_path / "folder.pt").mkdir()
+    out["folder"] = tmp_path / "folder.pt"
+    out["passwd"] = Path("/etc/passwd")
+    return out
+
+
+def test_a_bad_prior_checkpoint_is_one_clear_line(tmp_path):
+    for name, path in _bad_checkpoints(tmp_path).items():
+        proc = rtb_ray("train", str(CONFIG), "--in-process", "--output", str(tmp_path / "run"),
+                       "--set", f"task.prior_checkpoint={path}",
+                       "--set", "task.pretrain_if_missing=false", cache=tmp_path)
+        assert proc.returncode == 2, (name, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, (name, proc.stderr)
+        assert "is not an rtb-ray prior checkpoint" in proc.stderr, (name, proc.stderr)
+        assert "weights_only=False" not in proc.stderr and "pwned" not in proc.stdout
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_run_checkpoint_is_one_clear_line(tmp_path, cache):
+    from rtb_ray.config import config_to_dict, load_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(json.dumps(config_to_dict(load_config(CONFIG, TINY))))
+    for name, path in _bad_checkpoints(tmp_path).items():
+        target = run / "checkpoint.pt"
+        if target.is_dir():
+            target.rmdir()
+        elif target.exists():
+            target.unlink()
+        if path.is_dir():
+            target.mkdir()
+        else:
+            target.write_bytes(path.read_bytes())
+        for args in (["sample", str(run), "--n", "5", "--out", str(tmp_path / "s.npz")],
+                     ["train", str(CONFIG), "--in-process", "--resume", str(run), *sets(TINY)]):
+            proc = rtb_ray(*args, cache=cache)
+            assert proc.returncode == 2, (name, args[0], proc.stderr)
+            assert len(proc.stderr.strip().splitlines()) == 1, (name, args[0], proc.stderr)
+            assert "checkpoint.pt is not an rtb-ray run checkpoint" in proc.stderr
+            assert "weights_only=False" not in proc.stderr
+    assert not (tmp_path / "s.npz").exists() and not (run / "metrics.jsonl").exists()
+
+
+def test_an_output_that_cannot_be_created_is_one_clear_line(tmp_path, cache):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = rtb_ray("train", str(CONFIG), "--output", str(blocker / "run"), *sets(TINY),
+                   cache=cache)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "a-file" in proc.stderr and "Traceback" not in proc.stderr
