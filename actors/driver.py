@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -30,6 +30,7 @@ from rtb_ray.loop import check_config_for_task
 from rtb_ray.roles import ROLE_NAMES
 from rtb_ray.run_dir import check_run_dir, load_run_checkpoint, write_json
 from rtb_ray.tasks import Task, make_task, task_runtime_env
+from rtb_ray.tracking import end_recorded_run
 
 
 def run_id(output: Path) -> str:
@@ -85,11 +86,13 @@ def train_on_ray(cfg: RunConfig, output: Path, *, address: str | None = None,
         **names, "driver_pid": os.getpid(), "started": time.time()})
     try:
         try:
-            learner, coordinator, store = _start_actors(cfg, output, run, names, resume,
-                                                        tracking_uri, prior_file)
+            start_learner, weights, coordinator, store = _start_actors(
+                cfg, output, run, names, tracking_uri, prior_file)
+            learner = start_learner(resume)
             tracking = ray.get(learner.tracking.remote())
         except ray.exceptions.RayActorError as err:
-            print(f"rtb-ray: error: the learner failed to start: {err}", file=sys.stderr)
+            print(f"rtb-ray: error: the learner failed to start: "
+                  f"{str(err).strip().splitlines()[0]}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:  # before training started: nothing to checkpoint
             print("interrupted while starting: no checkpoint written by this session")
@@ -99,9 +102,14 @@ def train_on_ray(cfg: RunConfig, output: Path, *, address: str | None = None,
         print(f"  watch and scale it: rtb-ray status {output}; rtb-ray scale {output} --workers N")
         if tracking is not None:
             print(tracking)
-        code = _watch(learner, coordinator, cfg, output, progress, task.progress_metrics)
+        code = _watch(learner, start_learner, weights, coordinator, cfg, output, progress,
+                      task.progress_metrics)
         final_status = ray.get(coordinator.stop.remote())
-        ray.get(store.close.remote())  # seals the rows not yet on disk
+        try:
+            ray.get(store.close.remote())  # seals the rows not yet on disk
+        except ray.exceptions.RayTaskError as err:  # e.g. a full disk: say what was not sealed
+            print(f"rtb-ray: error: replay store: {err.cause}", file=sys.stderr)
+            code = 1
         final_status["replay"] = ray.get(store.stats.remote())
         write_json(output / "runtime_status.json", final_status)
         return code
@@ -111,10 +119,11 @@ def train_on_ray(cfg: RunConfig, output: Path, *, address: str | None = None,
         write_json(output / RUNTIME_FILE, {**info, "ended": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
-def _start_actors(cfg: RunConfig, output: Path, run: str, names: dict[str, str], resume: bool,
-                  tracking_uri: str | None, prior_file: bytes | None) -> tuple[Any, Any, Any]:
-    """The store, weight store and coordinator on this (the driver's) node; the learner too
-    unless it wants a GPU. Returns (learner, coordinator, store)."""
+def _start_actors(cfg: RunConfig, output: Path, run: str, names: dict[str, str],
+                  tracking_uri: str | None, prior_file: bytes | None
+                  ) -> tuple[Callable[[bool], Any], Any, Any, Any]:
+    """The store, weight store and coordinator on this (the driver's) node, and how to start a
+    learner (``start_learner(resume)``; on this node too unless it wants a GPU)."""
     rt = cfg.runtime
     head = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     store = start_store(cfg, str(output / "replay") if cfg.replay.persist else None, run,
@@ -122,36 +131,68 @@ def _start_actors(cfg: RunConfig, output: Path, run: str, names: dict[str, str],
     weights = WeightStore.options(name=names["weights"], scheduling_strategy=head).remote()
     coordinator = Coordinator.options(name=names["coordinator"], scheduling_strategy=head).remote(
         cfg, run, NAMESPACE, store, weights, [ray.put(prior_file)])
-    learner = LearnerActor.options(
-        name=names["learner"], num_cpus=rt.learner_num_cpus, num_gpus=rt.learner_num_gpus,
-        scheduling_strategy=head if rt.learner_num_gpus == 0 else "DEFAULT",
-    ).remote(cfg, str(output.resolve()), store, weights, coordinator, resume, tracking_uri)
-    return learner, coordinator, store
+
+    def start_learner(resume: bool) -> Any:
+        return LearnerActor.options(
+            name=names["learner"], num_cpus=rt.learner_num_cpus, num_gpus=rt.learner_num_gpus,
+            scheduling_strategy=head if rt.learner_num_gpus == 0 else "DEFAULT",
+        ).remote(cfg, str(output.resolve()), store, weights, coordinator, resume, tracking_uri)
+
+    return start_learner, weights, coordinator, store
 
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _watch(learner: Any, coordinator: Any, cfg: RunConfig, output: Path, progress: bool,
-           eval_keys: tuple[str, ...]) -> int:
-    """Wait for the learner, showing progress; Ctrl-C (or SIGTERM, e.g. from a job manager)
-    asks it to checkpoint and stop."""
-    done = learner.train.remote()
-    bar = tqdm(total=cfg.train.steps, desc="train", disable=not progress, mininterval=1.0)
+def _follow(learner: Any, done: ray.ObjectRef, coordinator: Any, bar: tqdm,
+            eval_keys: tuple[str, ...]) -> None:
+    """Show the learner's progress until ``done`` is ready (RayActorError if the learner dies)."""
     last_eval_step = -1
+    while not ray.wait([done], timeout=1.0)[0]:
+        metrics_ref = coordinator.metrics.remote()
+        status = ray.get(learner.status.remote())
+        try:
+            metrics = ray.get(metrics_ref)
+        except ray.exceptions.RayActorError:  # not the learner's death: keep showing progress
+            metrics = {}
+        bar.n = status["step"]
+        bar.set_postfix(_progress_postfix(status, metrics), refresh=True)
+        ev = status["eval"]
+        if ev and ev.get("step") != last_eval_step:
+            last_eval_step = ev.get("step")
+            bar.write(format_eval(ev, eval_keys))
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _watch(learner: Any, start_learner: Callable[[bool], Any], weights: Any, coordinator: Any,
+           cfg: RunConfig, output: Path, progress: bool, eval_keys: tuple[str, ...]) -> int:
+    """Wait for the learner, showing progress. A learner that dies (killed, node lost, OOM) is
+    restarted from the last checkpoint, ``runtime.learner_max_restarts`` times; the workers and
+    the store go on meanwhile. Ctrl-C (or SIGTERM) asks the learner to checkpoint and stop."""
+    bar = tqdm(total=cfg.train.steps, desc="train", disable=not progress, mininterval=1.0)
+    restarts, done = 0, learner.train.remote()
     try:
         while True:
-            ready, _ = ray.wait([done], timeout=1.0)
-            status, metrics = ray.get([learner.status.remote(), coordinator.metrics.remote()])
-            bar.n = status["step"]
-            bar.set_postfix(_progress_postfix(status, metrics), refresh=True)
-            ev = status["eval"]
-            if ev and ev.get("step") != last_eval_step:
-                last_eval_step = ev.get("step")
-                bar.write(format_eval(ev, eval_keys))
-            if ready:
+            try:
+                _follow(learner, done, coordinator, bar, eval_keys)
+                result = ray.get(done)
                 break
+            except ray.exceptions.RayActorError as err:  # the learner's process is gone
+                if restarts >= cfg.runtime.learner_max_restarts or not (
+                        output / "checkpoint.pt").exists():
+                    bar.close()
+                    end_recorded_run(output, "FAILED")  # it could not end its MLflow run
+                    return _failed(f"the learner failed: {_first_line(err)}", output)
+                restarts += 1
+                bar.write(f"the learner died ({_first_line(err)}); restarting it from the last "
+                          f"checkpoint ({restarts}/{cfg.runtime.learner_max_restarts})")
+                ray.get(weights.reset.remote())  # the checkpoint may be behind its last version
+                learner = start_learner(True)
+                done = learner.train.remote()
     except KeyboardInterrupt:
         bar.close()
         print("stopping: the learner checkpoints ...")
@@ -160,12 +201,17 @@ def _watch(learner: Any, coordinator: Any, cfg: RunConfig, output: Path, progres
         print(f"interrupted at step {result.get('step')}: checkpoint saved; continue with "
               f"rtb-ray train CONFIG --resume {output}")
         return 130
+    except ray.exceptions.RayTaskError as err:  # the learner raised: it ended its own MLflow run
+        bar.close()
+        return _failed(f"the learner failed: {_first_line(err.cause or err)}", output)
     bar.close()
-    try:
-        result = ray.get(done)
-    except ray.exceptions.RayError as err:
-        print(f"rtb-ray: error: the learner failed: {err}", file=sys.stderr)
-        return 1
     print(format_eval(result, eval_keys))
     print(f"final metrics: {output / 'final_eval.json'}")
     return 0
+
+
+def _failed(message: str, output: Path) -> int:
+    print(f"rtb-ray: error: {message}", file=sys.stderr)
+    print(f"the last checkpoint is kept; continue with rtb-ray train CONFIG --resume {output}",
+          file=sys.stderr)
+    return 1

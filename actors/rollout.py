@@ -65,7 +65,8 @@ class RolloutWorker:
 
     def _pull_weights(self) -> int:
         version, refs, self.learner_step = ray.get(self.weights.latest.remote())
-        if version > self.context.policy_version and refs:
+        # any other version: after a learner restart the newest one may be older than ours
+        if version != self.context.policy_version and refs:
             try:
                 self.context.sampler.posterior.load_state_dict(ray.get(refs[0]))
                 self.context.policy_version = version

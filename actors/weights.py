@@ -27,6 +27,11 @@ class WeightStore:
         self._published += 1
         return True
 
+    def reset(self) -> None:
+        """Forget the versions: a restarted learner publishes from its checkpoint, which may be
+        behind the last version (workers take any version other than theirs)."""
+        self._version, self._ref, self._learner_step = -1, None, 0
+
     def set_learner_step(self, step: int) -> None:
         """The learner's current step: what ``max_staleness`` is measured against."""
         self._learner_step = max(self._learner_step, step)

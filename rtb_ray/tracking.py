@@ -406,6 +406,21 @@ def read_run_record(output: Path) -> dict[str, str] | None:
                             f"tracking_uri)") from None
 
 
+def end_recorded_run(output: Path, status: str) -> None:
+    """End the MLflow run of ``output`` with ``status`` if it is still RUNNING: for a process
+    that died before it could (a killed learner). Best effort: a warning if MLflow fails."""
+    try:
+        if (record := read_run_record(output)) is None:
+            return
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(record["tracking_uri"])
+        if client.get_run(record["run_id"]).info.status == "RUNNING":
+            client.set_terminated(record["run_id"], status=status)
+    except Exception as err:  # the run's files are what matter; do not mask the real failure
+        logger.warning("could not end the MLflow run of %s: %s", output, _one_line(err))
+
+
 def write_run_record(output: Path, tracker: MlflowTracker) -> None:
     path = Path(output) / RUN_FILE
     tmp = path.with_suffix(".json.tmp")

@@ -176,6 +176,66 @@ def test_kill_and_scale_workers_while_training(tmp_path, cache):
             "trajectories_per_s"} <= set(train[-1])
 
 
+def kill_learner(run: Path) -> None:
+    info = json.loads((run / "runtime.json").read_text())
+    from actors.session import init_ray
+
+    init_ray(info["address"], info["namespace"])
+    try:
+        ray.kill(ray.get_actor(info["learner"], namespace=info["namespace"]))
+    finally:
+        ray.shutdown()
+
+
+def test_a_killed_learner_is_restarted_from_its_checkpoint(tmp_path, cache):
+    run = tmp_path / "run"
+    proc = start(run, cache)
+    try:
+        wait_for("a checkpoint", lambda: (run / "checkpoint.pt").exists()
+                 and learner_step(run) >= 50, proc)
+        kill_learner(run)
+        saved = torch.load(run / "checkpoint.pt", weights_only=True)["learner"]["step"]
+        wait_for("training past the checkpoint again", lambda: any(
+            json.loads(line)["step"] > saved + 50 for line in
+            (run / "metrics.jsonl").read_text().splitlines()[-3:]
+            if '"train"' in line), proc)
+    finally:
+        out = stop(proc) if proc.poll() is None else proc.stdout.read()
+    assert "the learner died" in out and "restarting it from the last checkpoint (1/2)" in out
+    assert "Traceback" not in out and "checkpoint saved" in out
+    check_nothing_lost(run)  # the store went on through the restart
+
+    import mlflow
+
+    mlflow_run = json.loads((run / "mlflow_run.json").read_text())["run_id"]
+    client = mlflow.MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    assert client.get_run(mlflow_run).info.status == "KILLED"  # one MLflow run throughout
+    assert max(m.step for m in client.get_metric_history(mlflow_run, "train/loss")) > saved + 50
+
+
+def test_a_killed_learner_past_its_restarts_ends_the_run_cleanly(tmp_path, cache):
+    run = tmp_path / "run"
+    proc = start(run, cache, overrides=RUNTIME + ["runtime.learner_max_restarts=0"])
+    try:
+        wait_for("a checkpoint", lambda: (run / "checkpoint.pt").exists()
+                 and learner_step(run) >= 50, proc)
+        kill_learner(run)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, out[-3000:]
+    assert "Traceback" not in out and "rtb-ray: error: the learner failed" in out, out[-3000:]
+    assert f"--resume {run}" in out
+    check_nothing_lost(run)  # the store was healthy: it sealed every row it acknowledged
+
+    import mlflow
+
+    mlflow_run = json.loads((run / "mlflow_run.json").read_text())["run_id"]
+    client = mlflow.MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    assert client.get_run(mlflow_run).info.status == "FAILED"  # never left RUNNING
+
+
 def test_sigkill_of_the_driver_then_resume(tmp_path, cache):
     run = tmp_path / "run"
     # with the mass-covering term on: the learner actor warm-starts once, not again on resume
