@@ -160,7 +160,17 @@ def _one_line(err: BaseException) -> str:
 
 def _futures(ops: RunOperations) -> list[concurrent.futures.Future[None]]:
     # RunOperations offers only a blocking wait(); its futures also say "done yet?" and "why not"
-    return ops._operation_futures
+    # (a private attribute of MLflow 3.x, hence the pin mlflow<4 and the fallback)
+    futures = getattr(ops, "_operation_futures", None)
+    if futures is None:
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        try:
+            ops.wait()
+            future.set_result(None)
+        except Exception as err:
+            future.set_exception(err)
+        return [future]
+    return futures
 
 
 # -- the tracker -------------------------------------------------------------------------------

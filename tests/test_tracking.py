@@ -333,3 +333,20 @@ def test_train_writes_one_mlflow_run_across_resume(tmp_path, cache, monkeypatch)
     x, t = torch.randn(6, 2), torch.tensor([0, 1, 5, 9, 14, 19])
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, t), posterior(x, t))
+
+
+def test_futures_of_an_mlflow_without_the_private_attribute_still_count():
+    """tracking._futures reads MLflow 3.x's RunOperations._operation_futures; without it, it
+    waits on the public wait() and still reports success or the error."""
+    from types import SimpleNamespace
+
+    from rtb_ray.tracking import _futures
+
+    ok = _futures(SimpleNamespace(wait=lambda: None))
+    assert len(ok) == 1 and ok[0].done() and ok[0].exception() is None
+
+    def fail() -> None:
+        raise RuntimeError("store down")
+
+    bad = _futures(SimpleNamespace(wait=fail))
+    assert str(bad[0].exception()) == "store down"
