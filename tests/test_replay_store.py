@@ -294,6 +294,40 @@ def test_a_corrupt_manifest_is_set_aside_and_rebuilt(tmp_path: Path, junk: bytes
     assert json.loads((tmp_path / "_manifest.json").read_text())["next_id"] == 31
 
 
+def test_a_full_disk_stops_inserts_in_one_line_and_leaves_only_whole_segments(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from rtb_ray.replay import segments
+
+    store = ReplayStore(tmp_path, capacity_trajectories=200, segment_rows=10)
+    store.insert(batch(25))
+    assert store.flush(timeout=30)  # 25 rows sealed: two full segments and a short one
+    real_write = segments._Crc32Writer.write
+
+    def full_disk(self, data):  # type: ignore[no-untyped-def]
+        real_write(self, data[: len(data) // 2])  # part of it lands, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(segments._Crc32Writer, "write", full_disk)
+    store.insert(batch(10))  # acknowledged in memory; sealing it fails
+    with pytest.raises(RuntimeError, match=r"No space left on device") as err:
+        for _ in range(50):
+            store.insert(batch(10), timeout=5)
+    assert "\n" not in str(err.value)
+    with pytest.raises(RuntimeError, match=r"(\d+) acknowledged rows are not on disk") as err:
+        store.close()
+    lost = int(str(err.value).split("; ")[1].split()[0])
+    assert lost == store.stats()["inserted"] - 25 >= 10  # exactly the rows acknowledged since
+    assert not list(tmp_path.glob(".*.tmp"))  # the partial file was removed, never renamed
+    monkeypatch.undo()
+    reopened = ReplayStore(tmp_path, capacity_trajectories=200, segment_rows=10)
+    assert held_ids(reopened) == list(range(25))  # every sealed row, no partial segment
+    assert reopened.stats()["corrupt_segments"] == 0
+    assert reopened.insert(batch(1)).first_id == 25  # nothing past the sealed rows on disk
+    reopened.close()
+
+
 def test_sealing_failure_is_reported_to_writers(tmp_path: Path) -> None:
     store = ReplayStore(tmp_path / "store", capacity_trajectories=100, segment_rows=10)
     store.insert(batch(5))

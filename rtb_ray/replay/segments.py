@@ -68,12 +68,16 @@ class _Crc32Writer:
 def _write_atomically(path: Path, write) -> int:
     """``write(file)`` to a hidden temporary name, fsync, rename onto ``path``; returns crc32."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        sink = _Crc32Writer(f)
-        write(sink)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            sink = _Crc32Writer(f)
+            write(sink)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. a full disk: give the space back; nothing became visible
+        tmp.unlink(missing_ok=True)
+        raise
     fd = os.open(path.parent, os.O_RDONLY)  # the rename is durable once the directory is synced
     try:
         os.fsync(fd)
