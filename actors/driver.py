@@ -126,8 +126,11 @@ def _start_actors(cfg: RunConfig, output: Path, run: str, names: dict[str, str],
     learner (``start_learner(resume)``; on this node too unless it wants a GPU)."""
     rt = cfg.runtime
     head = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    # a store that dies is restarted (its constructor reopens the sealed segments) and calls
+    # in flight are retried on it: workers and learner go on
     store = start_store(cfg, str(output / "replay") if cfg.replay.persist else None, run,
-                        name=names["store"], scheduling_strategy=head)
+                        name=names["store"], scheduling_strategy=head,
+                        max_restarts=rt.store_max_restarts, max_task_retries=-1)
     weights = WeightStore.options(name=names["weights"], scheduling_strategy=head).remote()
     coordinator = Coordinator.options(name=names["coordinator"], scheduling_strategy=head).remote(
         cfg, run, NAMESPACE, store, weights, [ray.put(prior_file)])

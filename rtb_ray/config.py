@@ -212,6 +212,9 @@ class RuntimeConfig(Strict):
     call_timeout_s: float = Field(
         60.0, gt=0, description="a worker call waiting longer for the store or for fresh "
                                 "weights returns without a batch (and is counted)")
+    store_max_restarts: int = Field(
+        2, ge=0, le=100, description="times the replay store's actor is restarted from its "
+                                     "sealed segments if it dies (unsealed rows are lost)")
     learner_max_restarts: int = Field(
         2, ge=0, le=100, description="times a learner that died (killed, node lost, OOM) is "
                                      "restarted from the last checkpoint before the run fails")

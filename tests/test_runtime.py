@@ -213,6 +213,34 @@ def test_a_killed_learner_is_restarted_from_its_checkpoint(tmp_path, cache):
     assert max(m.step for m in client.get_metric_history(mlflow_run, "train/loss")) > saved + 50
 
 
+def test_a_killed_store_is_restarted_from_its_segments(tmp_path, cache):
+    run = tmp_path / "run"
+    proc = start(run, cache)
+    try:
+        wait_for("a checkpoint", lambda: (run / "checkpoint.pt").exists()
+                 and learner_step(run) >= 50, proc)
+        sealed_before = stored_rows(run).num_rows
+        info = json.loads((run / "runtime.json").read_text())
+        from actors.session import init_ray
+
+        init_ray(info["address"], info["namespace"])
+        try:
+            ray.kill(ray.get_actor(info["store"], namespace=info["namespace"]),
+                     no_restart=False)
+        finally:
+            ray.shutdown()
+        step = learner_step(run)
+        wait_for("training after the store restarted", lambda: learner_step(run) > step + 50,
+                 proc)
+    finally:
+        out = stop(proc) if proc.poll() is None else proc.stdout.read()
+    assert "checkpoint saved" in out and "Traceback" not in out
+    final = json.loads((run / "runtime_status.json").read_text())
+    assert final["replay"]["loaded"] >= min(sealed_before, final["replay"]["capacity"])
+    assert final["replay"]["sealed_rows"] == final["replay"]["inserted"] > 0
+    assert stored_rows(run).num_rows >= sealed_before  # rows on disk never decrease
+
+
 def test_a_killed_learner_past_its_restarts_ends_the_run_cleanly(tmp_path, cache):
     run = tmp_path / "run"
     proc = start(run, cache, overrides=RUNTIME + ["runtime.learner_max_restarts=0"])
