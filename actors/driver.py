@@ -194,7 +194,12 @@ def _watch(learner: Any, start_learner: Callable[[bool], Any], weights: Any, coo
                 bar.write(f"the learner died ({_first_line(err)}); restarting it from the last "
                           f"checkpoint ({restarts}/{cfg.runtime.learner_max_restarts})")
                 ray.get(weights.reset.remote())  # the checkpoint may be behind its last version
-                learner = start_learner(True)
+                for _ in range(60):  # the dead actor's name is freed a moment after its death
+                    try:
+                        learner = start_learner(True)
+                        break
+                    except ValueError:  # "name ... is already taken"
+                        time.sleep(0.5)
                 done = learner.train.remote()
     except KeyboardInterrupt:
         bar.close()

@@ -176,13 +176,14 @@ def test_kill_and_scale_workers_while_training(tmp_path, cache):
             "trajectories_per_s"} <= set(train[-1])
 
 
-def kill_learner(run: Path) -> None:
+def kill_actor(run: Path, role: str, restart: bool = False) -> None:
+    """ray.kill the run's ``role`` actor (learner, store...); ``restart``: let Ray restart it."""
     info = json.loads((run / "runtime.json").read_text())
     from actors.session import init_ray
 
     init_ray(info["address"], info["namespace"])
     try:
-        ray.kill(ray.get_actor(info["learner"], namespace=info["namespace"]))
+        ray.kill(ray.get_actor(info[role], namespace=info["namespace"]), no_restart=not restart)
     finally:
         ray.shutdown()
 
@@ -193,7 +194,7 @@ def test_a_killed_learner_is_restarted_from_its_checkpoint(tmp_path, cache):
     try:
         wait_for("a checkpoint", lambda: (run / "checkpoint.pt").exists()
                  and learner_step(run) >= 50, proc)
-        kill_learner(run)
+        kill_actor(run, "learner")
         saved = torch.load(run / "checkpoint.pt", weights_only=True)["learner"]["step"]
         wait_for("training past the checkpoint again", lambda: any(
             json.loads(line)["step"] > saved + 50 for line in
@@ -220,15 +221,7 @@ def test_a_killed_store_is_restarted_from_its_segments(tmp_path, cache):
         wait_for("a checkpoint", lambda: (run / "checkpoint.pt").exists()
                  and learner_step(run) >= 50, proc)
         sealed_before = stored_rows(run).num_rows
-        info = json.loads((run / "runtime.json").read_text())
-        from actors.session import init_ray
-
-        init_ray(info["address"], info["namespace"])
-        try:
-            ray.kill(ray.get_actor(info["store"], namespace=info["namespace"]),
-                     no_restart=False)
-        finally:
-            ray.shutdown()
+        kill_actor(run, "store", restart=True)
         step = learner_step(run)
         wait_for("training after the store restarted", lambda: learner_step(run) > step + 50,
                  proc)
@@ -247,7 +240,7 @@ def test_a_killed_learner_past_its_restarts_ends_the_run_cleanly(tmp_path, cache
     try:
         wait_for("a checkpoint", lambda: (run / "checkpoint.pt").exists()
                  and learner_step(run) >= 50, proc)
-        kill_learner(run)
+        kill_actor(run, "learner")
         out, _ = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
