@@ -23,7 +23,7 @@ from actors.learner import LearnerActor
 from actors.replay import start_store
 from actors.session import NAMESPACE, RUNTIME_FILE, init_ray, read_runtime
 from actors.weights import WeightStore
-from rtb_ray.config import RunConfig
+from rtb_ray.config import RunConfig, first_line
 from rtb_ray.evaluation import format_eval
 from rtb_ray.learner import make_posterior
 from rtb_ray.loop import check_config_for_task
@@ -167,10 +167,6 @@ def _follow(learner: Any, done: ray.ObjectRef, coordinator: Any, bar: tqdm,
             bar.write(format_eval(ev, eval_keys))
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
 def _watch(learner: Any, start_learner: Callable[[bool], Any], weights: Any, coordinator: Any,
            cfg: RunConfig, output: Path, progress: bool, eval_keys: tuple[str, ...]) -> int:
     """Wait for the learner, showing progress. A learner that dies (killed, node lost, OOM) is
@@ -189,9 +185,9 @@ def _watch(learner: Any, start_learner: Callable[[bool], Any], weights: Any, coo
                         output / "checkpoint.pt").exists():
                     bar.close()
                     end_recorded_run(output, "FAILED")  # it could not end its MLflow run
-                    return _failed(f"the learner failed: {_first_line(err)}", output)
+                    return _failed(f"the learner failed: {first_line(err)}", output)
                 restarts += 1
-                bar.write(f"the learner died ({_first_line(err)}); restarting it from the last "
+                bar.write(f"the learner died ({first_line(err)}); restarting it from the last "
                           f"checkpoint ({restarts}/{cfg.runtime.learner_max_restarts})")
                 ray.get(weights.reset.remote())  # the checkpoint may be behind its last version
                 for _ in range(60):  # the dead actor's name is freed a moment after its death
@@ -211,7 +207,7 @@ def _watch(learner: Any, start_learner: Callable[[bool], Any], weights: Any, coo
         return 130
     except ray.exceptions.RayTaskError as err:  # the learner raised: it ended its own MLflow run
         bar.close()
-        return _failed(f"the learner failed: {_first_line(err.cause or err)}", output)
+        return _failed(f"the learner failed: {first_line(err.cause or err)}", output)
     bar.close()
     print(format_eval(result, eval_keys))
     print(f"final metrics: {output / 'final_eval.json'}")

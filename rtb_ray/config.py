@@ -25,6 +25,13 @@ class ConfigError(ValueError):
     """A bad configuration. The message is one line that names the offending key."""
 
 
+def first_line(err: BaseException) -> str:
+    """An exception as one line for a user: its type and its message's first line (a nested
+    traceback in the message stays out of the user's terminal)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
 class Strict(BaseModel):
     # inf and NaN are never a sensible setting (a learning rate, a share, a timeout)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)

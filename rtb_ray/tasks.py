@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 from pydantic import BaseModel
 from torch import Tensor, nn
 
-from rtb_ray.config import ConfigError
+from rtb_ray.config import ConfigError, first_line
 from rtb_ray.pretrain import atomic_write_bytes
 from rtb_ray.transitions import TransitionFamily
 
@@ -80,10 +80,6 @@ def _members(protocol: type) -> list[str]:
             *(k for k, v in vars(protocol).items() if callable(v) and not k.startswith("_"))]
 
 
-def _first_line(err: BaseException) -> str:
-    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
-
-
 def resolve_task_name(name: Any) -> str:
     """``task.name`` as the validated config keeps it: a ``.py`` path made absolute."""
     if not isinstance(name, str) or not name:
@@ -116,7 +112,7 @@ def _load_file(name: str) -> ModuleType:
         spec.loader.exec_module(mod)
     except Exception as err:
         del sys.modules[module]
-        raise ConfigError(f"task {name!r}: loading {path} failed: {_first_line(err)}") from None
+        raise ConfigError(f"task {name!r}: loading {path} failed: {first_line(err)}") from None
     return mod
 
 
@@ -136,9 +132,9 @@ def task_module(name: Any) -> ModuleType:
         if err.name is not None and (module + ".").startswith(err.name + "."):
             missing = f"pipelines/{name}.py" if module != name else f"{err.name} on sys.path"
             raise ConfigError(f"unknown task {name!r}: no module {missing}") from None
-        raise ConfigError(f"task {name!r}: importing {module} failed: {_first_line(err)}") from None
+        raise ConfigError(f"task {name!r}: importing {module} failed: {first_line(err)}") from None
     except Exception as err:
-        raise ConfigError(f"task {name!r}: importing {module} failed: {_first_line(err)}") from None
+        raise ConfigError(f"task {name!r}: importing {module} failed: {first_line(err)}") from None
 
 
 def task_config_model(name: Any) -> type[BaseModel]:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
-from rtb_ray.config import ConfigError, RunConfig, config_to_dict
+from rtb_ray.config import ConfigError, RunConfig, config_to_dict, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -153,11 +153,6 @@ def _user() -> str:
         return "unknown"
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
 def _futures(ops: RunOperations) -> list[concurrent.futures.Future[None]]:
     # RunOperations offers only a blocking wait(); its futures also say "done yet?" and "why not"
     # (a private attribute of MLflow 3.x, hence the pin mlflow<4 and the fallback)
@@ -198,7 +193,7 @@ class MlflowTracker:
         except Exception as err:  # MlflowException, connection errors: one line, naming the store
             what = f"run {run_id}" if run_id else f"experiment {experiment!r}"
             raise TrackingError(f"MLflow at {redact_uri(tracking_uri)} ({what}): "
-                                f"{_one_line(err)}") from None
+                                f"{first_line(err)}") from None
         self.run_id: str = run.info.run_id
         self.experiment_id: str = run.info.experiment_id
         self.experiment_name = (experiment if run_id is None
@@ -289,7 +284,7 @@ class MlflowTracker:
         except Exception as err:
             with self._lock:
                 self._counters.artifacts_failed += 1
-                self.last_error = _one_line(err)
+                self.last_error = first_line(err)
             logger.warning("MLflow log_artifact %s failed: %s", path.name, self.last_error)
             return
         with self._lock:
@@ -306,7 +301,7 @@ class MlflowTracker:
             errors = [e for f in _futures(ops) if (e := f.exception()) is not None]
             if errors:  # MLflow has logged the error already
                 self._counters.failed += points
-                self.last_error = _one_line(errors[0])
+                self.last_error = first_line(errors[0])
             else:
                 self._counters.metrics_logged += points
 
@@ -428,7 +423,7 @@ def end_recorded_run(output: Path, status: str) -> None:
         if client.get_run(record["run_id"]).info.status == "RUNNING":
             client.set_terminated(record["run_id"], status=status)
     except Exception as err:  # the run's files are what matter; do not mask the real failure
-        logger.warning("could not end the MLflow run of %s: %s", output, _one_line(err))
+        logger.warning("could not end the MLflow run of %s: %s", output, first_line(err))
 
 
 def write_run_record(output: Path, tracker: MlflowTracker) -> None:

@@ -172,7 +172,7 @@ def test_a_failing_store_counts_failed_points_and_keeps_the_last_error(store, mo
     for step in range(3):
         tracker.log_metrics({"a": step, "b": step, "c": step}, step)
     assert tracker.flush(timeout=300)
-    assert tracker.last_error == "store is down"
+    assert tracker.last_error == "MlflowException: store is down"
 
     def refuse(*args, **kwargs):
         raise OSError("disk full")
@@ -180,7 +180,7 @@ def test_a_failing_store_counts_failed_points_and_keeps_the_last_error(store, mo
     monkeypatch.setattr(MlflowClient, "log_artifact", refuse)
     (tmp_path / "plot.png").write_bytes(b"png")
     tracker.log_artifact(tmp_path / "plot.png", "eval")  # counted, not raised into the loop
-    assert tracker.last_error == "disk full"
+    assert tracker.last_error == "OSError: disk full"
     with pytest.raises(FileNotFoundError):
         tracker.log_artifact(tmp_path / "missing.png")
     counters = tracker.close()
