@@ -174,6 +174,13 @@ class ReplayConfig(Strict):
         None, ge=1, description="rows per sealed segment (default ≈ 64 MiB); every checkpoint "
                                 "also seals what is pending"
     )
+    keep_bytes: int | None = Field(
+        None, ge=1, description="bytes of sealed segments kept on disk, the oldest deleted first "
+                                "(None: every segment; --resume reloads what is kept)"
+    )
+    keep_segments: int | None = Field(
+        None, ge=1, description="sealed segments kept on disk, the newest (None: every one)"
+    )
 
     @model_validator(mode="after")
     def _fits(self) -> "ReplayConfig":

@@ -15,7 +15,7 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 
-from rtb_ray.replay import CorruptSegmentWarning, InsertStatus, ReplayStore
+from rtb_ray.replay import CorruptSegmentWarning, InsertStatus, ReplayDiskError, ReplayStore
 from rtb_ray.replay.ring import ColumnRing
 from rtb_ray.trajectory import (Source, TrajectoryBatch, TrajectoryLayout, columns_from_batch,
                                 to_arrow)
@@ -334,10 +334,12 @@ def test_sealing_failure_is_reported_to_writers(tmp_path: Path) -> None:
     shutil.rmtree(tmp_path / "store")  # the disk goes away under the store
     (tmp_path / "store").write_text("not a directory")
     store.insert(batch(5))  # completes a segment; sealing it fails
-    with pytest.raises(RuntimeError, match="sealing a replay segment failed"):
+    with pytest.raises(ReplayDiskError, match="sealing a replay segment to .* failed"):
         for _ in range(100):
             store.insert(batch(10), timeout=5)
-    with pytest.raises(RuntimeError, match=r"\d+ acknowledged rows are not on disk"):
+    with pytest.raises(ReplayDiskError):  # the learner hears of it at once, not at its timeout
+        store.sample(10_000, timeout=None)
+    with pytest.raises(ReplayDiskError, match=r"\d+ acknowledged rows are not on disk"):
         store.close()  # the rows it acknowledged are not silently dropped
 
 
@@ -379,3 +381,49 @@ def test_a_directory_is_open_in_one_store_at_a_time(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="min_size_to_sample=500 is more than the capacity"):
         ReplayStore(capacity_trajectories=100, min_size_to_sample=500,
                     layout=TrajectoryLayout((STEPS + 1, DIM)))
+
+
+@pytest.mark.parametrize("keep", [{"keep_segments": 3}, {"keep_bytes": 1}, {}])
+def test_retention_keeps_the_newest_segments_on_disk(tmp_path: Path, keep: dict) -> None:
+    store = ReplayStore(tmp_path, capacity_trajectories=200, segment_rows=10, **keep)
+    for seed in range(6):
+        store.insert(batch(10, seed=seed))
+    assert store.flush(timeout=30)
+    kept = {"keep_segments": 3, "keep_bytes": 1}.get(next(iter(keep), ""), 6)  # 1 B: the newest
+    stats = store.stats()
+    assert stats["sealed_segments"] == 6 and stats["deleted_segments"] == 6 - kept
+    files = sorted(p.name for p in tmp_path.glob("segment-*.arrow"))
+    assert files == [f"segment-{i:08d}.arrow" for i in range(6 - kept, 6)]  # oldest went first
+    assert stats["disk_bytes"] == sum((tmp_path / f).stat().st_size for f in files)
+    # memory is not disk: the store still holds and samples every row
+    assert held_ids(store) == list(range(60))
+    assert ds.dataset(tmp_path, format="ipc").to_table().num_rows == 10 * kept
+    store.close()
+    reopened = ReplayStore(tmp_path, capacity_trajectories=200, segment_rows=10, **keep)
+    assert held_ids(reopened) == list(range(60 - 10 * kept, 60))  # what was kept reloads
+    assert reopened.insert(batch(1)).first_id == 60  # ids still continue after the largest
+    assert reopened.stats()["corrupt_segments"] == 0
+    reopened.close()
+
+
+def test_a_segment_unlisted_but_not_yet_deleted_is_readopted_in_id_order(tmp_path: Path) -> None:
+    store = ReplayStore(tmp_path, capacity_trajectories=200, segment_rows=10, keep_segments=2)
+    for seed in range(3):
+        store.insert(batch(10, seed=seed))
+    store.flush(timeout=30)
+    store.close()
+    # a crash after the manifest dropped segment 0 and before its file was deleted
+    kept = sorted(tmp_path.glob("segment-*.arrow"))
+    ids = pa.ipc.open_file(str(kept[0])).read_all().column("id").to_pylist()
+    table = pa.ipc.open_file(str(kept[0])).read_all()
+    table = table.set_column(table.schema.get_field_index("id"), table.schema.field("id"),
+                             pa.array([i - 10 for i in ids], pa.int64()))
+    with pa.ipc.new_file(str(tmp_path / "segment-00000000.arrow"), table.schema) as w:
+        w.write_table(table)
+    reopened = ReplayStore(tmp_path, capacity_trajectories=200, segment_rows=10, keep_segments=2)
+    assert held_ids(reopened) == list(range(30))  # adopted, and loaded oldest first
+    reopened.insert(batch(10, seed=9))
+    reopened.flush(timeout=30)  # the next seal applies retention to it again
+    assert sorted(p.name for p in tmp_path.glob("segment-*.arrow")) == [
+        "segment-00000002.arrow", "segment-00000003.arrow"]
+    reopened.close()

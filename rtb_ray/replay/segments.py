@@ -87,8 +87,18 @@ def _write_atomically(path: Path, write) -> int:
 
 
 class SegmentDirectory:
-    def __init__(self, path: Path | str, layout: TrajectoryLayout | None = None) -> None:
-        """Open (or create) a store directory, recovering from any crash; see the module doc."""
+    def __init__(self, path: Path | str, layout: TrajectoryLayout | None = None, *,
+                 keep_bytes: int | None = None, keep_segments: int | None = None) -> None:
+        """Open (or create) a store directory, recovering from any crash; see the module doc.
+        Retention: after each seal the oldest segments are deleted while the segments hold more
+        than ``keep_bytes`` bytes or number more than ``keep_segments`` (None: no limit); the
+        newest segment always stays."""
+        if keep_bytes is not None and keep_bytes < 1:
+            raise ValueError(f"keep_bytes must be >= 1 (got {keep_bytes})")
+        if keep_segments is not None and keep_segments < 1:
+            raise ValueError(f"keep_segments must be >= 1 (got {keep_segments})")
+        self.keep_bytes, self.keep_segments = keep_bytes, keep_segments
+        self.deleted = 0  # segments deleted by retention since this directory was opened
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         # one store per directory: a second one would delete the first one's temporary files
@@ -127,6 +137,8 @@ class SegmentDirectory:
                 self.corrupt -= 1  # not a segment
                 changed = True
         changed |= self._adopt_orphans()
+        # a crash between listing and deleting a segment leaves an old orphan: keep id order
+        self.segments.sort(key=lambda s: s.first_id)
         for segment in [s for s in self.segments if not (self.path / s.file).exists()]:
             self._set_aside(segment.file, "is listed in the manifest but missing")
             changed = True
@@ -178,8 +190,29 @@ class SegmentDirectory:
         segment = self._list(name, pa.chunked_array([b.column("id") for b in batches]), crc)
         self.next_segment += 1
         self.next_id = max(self.next_id, next_id)
-        self.write_manifest()
+        expired = self._expired()
+        self.segments = self.segments[len(expired):]
+        self.write_manifest()  # unlisted before deleted: a crash in between leaves an orphan
+        for old in expired:
+            (self.path / old.file).unlink(missing_ok=True)
+        self.deleted += len(expired)
         return segment
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.bytes for s in self.segments)
+
+    def _expired(self) -> list[Segment]:
+        """The oldest segments past the retention limits (never the newest one)."""
+        total, count = self.nbytes, len(self.segments)
+        expired = []
+        for segment in self.segments[:-1]:
+            if not ((self.keep_bytes is not None and total > self.keep_bytes)
+                    or (self.keep_segments is not None and count > self.keep_segments)):
+                break
+            expired.append(segment)
+            total, count = total - segment.bytes, count - 1
+        return expired
 
     def _list(self, file: str, ids: pa.ChunkedArray, crc: int) -> Segment:
         """Add a sealed file (rows with ids ``ids``) to the segments; ids continue after it."""

@@ -79,6 +79,12 @@ class SampleTimeout(TimeoutError):
     """Too little data to sample (or the writers lag the target ratio) until the timeout."""
 
 
+class ReplayDiskError(RuntimeError):
+    """Sealing a segment failed (a full disk, a lost directory): the store refuses inserts and
+    samples from then on; the message, one line, says how many acknowledged rows are not on
+    disk."""
+
+
 class _Names(dict[str, int]):
     """The store-wide dictionary of run / worker names: name -> code, in order of arrival."""
 
@@ -120,6 +126,8 @@ class ReplayStore:
         capacity_trajectories: int = 1_000_000,
         capacity_bytes: int | None = None,
         segment_rows: int | None = None,
+        keep_bytes: int | None = None,
+        keep_segments: int | None = None,
         layout: TrajectoryLayout | None = None,
         run: str = "",
         samples_per_insert: float | None = None,
@@ -131,7 +139,8 @@ class ReplayStore:
     ) -> None:
         """A store of at most ``capacity_trajectories`` rows and ``capacity_bytes`` bytes (of
         all columns). ``directory``: where sealed segments go (None: memory only); an existing
-        store directory is reopened. ``segment_rows``: rows per segment (default ≈ 64 MiB).
+        store directory is reopened. ``segment_rows``: rows per segment (default ≈ 64 MiB);
+        ``keep_bytes`` / ``keep_segments``: how much of it stays on disk (segments.py).
         ``layout``: the states' shape and dtype, else taken from the directory or the first
         insert. ``run``: the run name written with rows inserted as TrajectoryBatch. The rate
         limiter (rate_limiter.py): ``samples_per_insert`` (None: no ratio) with
@@ -167,7 +176,8 @@ class ReplayStore:
         self._closing = False
         self._seal_error: BaseException | None = None
         if directory is not None:
-            self._open(directory, layout)
+            self._open(SegmentDirectory(directory, layout, keep_bytes=keep_bytes,
+                                        keep_segments=keep_segments))
         elif layout is not None:
             self._allocate(layout)
 
@@ -207,9 +217,9 @@ class ReplayStore:
         self._max_batch_rows = rows if self._disk is None else rows - segment_rows + 1
         self._ring = ColumnRing(layout, rows)
 
-    def _open(self, directory: str | Path, layout: TrajectoryLayout | None) -> None:
-        """Open (or create) the store directory, reload its rows and start the sealer."""
-        self._disk = SegmentDirectory(directory, layout)
+    def _open(self, disk: SegmentDirectory) -> None:
+        """Take the opened store directory, reload its rows and start the sealer."""
+        self._disk = disk
         self._next_id = self._disk.next_id
         try:
             if self._disk.layout is not None:
@@ -352,7 +362,8 @@ class ReplayStore:
         sampler = sampler or self.sampler
         can_sample = self._limiter.can_sample if rate_limited else (lambda size: size > 0)
         with self._lock:
-            if not self._changed.wait_for(lambda: self._closing or can_sample(self.size), timeout):
+            if not self._changed.wait_for(lambda: self._closing or self._seal_error is not None
+                                          or can_sample(self.size), timeout):
                 self._counters["sample_timeouts"] += 1
                 why = (self._limiter.why_not_sample(self.size) if rate_limited
                        else "the store is empty")
@@ -437,9 +448,14 @@ class ReplayStore:
 
     def _check_open(self) -> None:
         if self._seal_error is not None:
-            raise RuntimeError(f"sealing a replay segment failed: {self._seal_error!r}")
+            raise self._disk_error()
         if self._closing:
             raise RuntimeError("the replay store is closed")
+
+    def _disk_error(self) -> ReplayDiskError:
+        return ReplayDiskError(
+            f"sealing a replay segment to {self._disk.path} failed ({self._seal_error}); "
+            f"{self._stop - self._sealed} acknowledged rows are not on disk")
 
     def close(self) -> None:
         """Seal what is left and stop; inserts and samples fail from now on. Raises if rows that
@@ -451,9 +467,7 @@ class ReplayStore:
             self._sealer.join()
             self._disk.close()
             if self._seal_error is not None:
-                raise RuntimeError(f"sealing a replay segment failed: {self._seal_error!r}; "
-                                   f"{self._stop - self._sealed} acknowledged rows are not on "
-                                   f"disk")
+                raise self._disk_error()
 
     # -- counters ------------------------------------------------------------------------------
     def stats(self) -> dict[str, float | int]:
@@ -468,6 +482,8 @@ class ReplayStore:
                 "capacity_bytes": (self.capacity or 0) * row_nbytes,
                 "unsealed_rows": self._stop - self._sealed if self._disk is not None else 0,
                 "corrupt_segments": 0 if self._disk is None else self._disk.corrupt,
+                "deleted_segments": 0 if self._disk is None else self._disk.deleted,
+                "disk_bytes": 0 if self._disk is None else self._disk.nbytes,
                 "next_id": self._next_id,
                 "samples_per_insert": self._counters["sampled"] / inserted if inserted else 0.0,
                 "rate_limiter_error": self._limiter.error,
