@@ -16,9 +16,21 @@ from rtb_ray.config import RunConfig
 from rtb_ray.learner import Learner
 from rtb_ray.loop import Run, prepare, train
 from rtb_ray.metrics import staleness, staleness_quantiles
-from rtb_ray.replay import SampleTimeout
+from rtb_ray.replay import ReplayDiskError, SampleTimeout
 from rtb_ray.roles import training_mixture
 from rtb_ray.trajectory import TrajectoryBatch
+
+
+def _get(ref: ray.ObjectRef) -> Any:
+    """``ray.get`` of a store call; the store's own errors come as their one line."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, SampleTimeout):
+            raise RuntimeError(f"learner starved: {err.cause}") from None
+        if isinstance(err.cause, ReplayDiskError):
+            raise err.cause from None  # not its remote traceback
+        raise
 
 
 class StoreBatches:
@@ -40,12 +52,7 @@ class StoreBatches:
     def next_batch(self, learner: Learner) -> TrajectoryBatch:
         """The next batch; the one after is requested before returning (overlaps the step)."""
         t0 = time.perf_counter()
-        try:
-            batch = ray.get(self.next_ref or self._request())
-        except ray.exceptions.RayTaskError as err:
-            if isinstance(err.cause, SampleTimeout):
-                raise RuntimeError(f"learner starved: {err.cause}") from None
-            raise
+        batch = _get(self.next_ref or self._request())
         self.sample_wait_s += time.perf_counter() - t0
         self.next_ref = self._request()
         self.staleness.append(staleness(batch, learner.version))
@@ -73,7 +80,7 @@ class StoreBatches:
         return {**row, **self.runtime, "learner_sample_wait_s": self.sample_wait_s}
 
     def state_dict(self) -> dict[str, Any]:
-        ray.get(self.store.flush.remote(self.cfg.runtime.sample_timeout_s))  # rows on disk first
+        _get(self.store.flush.remote(self.cfg.runtime.sample_timeout_s))  # rows on disk first
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

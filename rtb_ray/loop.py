@@ -24,6 +24,7 @@ from rtb_ray.evaluation import Evaluator, format_eval
 from rtb_ray.learner import Learner
 from rtb_ray.metrics import importance_metrics, sir_indices
 from rtb_ray.objectives import scaled_log_reward
+from rtb_ray.replay import ReplayDiskError
 from rtb_ray.run_dir import RunDir, write_json
 from rtb_ray.tasks import Task, make_task
 
@@ -189,6 +190,14 @@ def _loop(run: Run, batches: BatchSource, progress: bool, stop: threading.Event)
         print(f"interrupted at step {learner.step_count}: checkpoint saved; continue with "
               f"--resume {run.run_dir.output}")
         raise
+    except ReplayDiskError as err:  # the store refuses inserts: keep the learner's progress
+        bar.close()
+        try:  # no flush (it would fail again); --resume reloads the segments that are sealed
+            run.run_dir.save_checkpoint({"learner": learner.state_dict()})
+            saved = f"checkpoint saved at step {learner.step_count}"
+        except OSError as e:
+            saved = f"no checkpoint could be saved either ({e})"
+        raise ReplayDiskError(f"{err}; {saved}") from None
     bar.close()
     checkpoint(run, batches)
     return evaluate(run, cfg.eval.final_num_samples, f"step_{learner.step_count}")

@@ -232,6 +232,48 @@ def test_killed_learner_and_store_are_restarted_then_the_run_ends_cleanly(tmp_pa
     assert max(m.step for m in client.get_metric_history(mlflow_run, "train/loss")) > saved + 50
 
 
+def test_a_failed_disk_stops_the_run_with_a_checkpoint_and_one_line(tmp_path, cache):
+    run = tmp_path / "run"
+    proc = start(run, cache)
+    try:
+        wait_for("a checkpoint", lambda: (run / "checkpoint.pt").exists()
+                 and learner_step(run) >= 50, proc)
+        saved = torch.load(run / "checkpoint.pt", weights_only=True)["learner"]["step"]
+        sealed = stored_rows(run).num_rows
+        # the store's directory goes away under it (as a full or lost disk does): sealing fails
+        replay = run / "replay"
+        replay.rename(run / "replay.old")
+        replay.write_text("not a directory")
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("rtb-ray: error:")]
+    assert errors and "the learner failed: ReplayDiskError: sealing a replay segment to" in \
+        errors[0] and "Not a directory" in errors[0], out[-3000:]
+    assert "acknowledged rows are not on disk; checkpoint saved at step" in errors[0]
+    step = int(errors[0].rsplit("checkpoint saved at step ", 1)[1].split()[0])
+    assert step >= saved
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["learner"]["step"] == step
+    assert f"--resume {run}" in out
+    # nothing half-written: the sealed segments are whole and verify
+    replay.unlink()
+    (run / "replay.old").rename(replay)
+    from rtb_ray.replay import ReplayStore
+
+    reopened = ReplayStore(replay, capacity_trajectories=10**6)
+    assert reopened.stats()["loaded"] >= sealed and reopened.verify_segments() == 0
+    reopened.close()
+
+    import mlflow
+
+    mlflow_run = json.loads((run / "mlflow_run.json").read_text())["run_id"]
+    client = mlflow.MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    assert client.get_run(mlflow_run).info.status == "FAILED"
+
+
 def test_sigkill_of_the_driver_then_resume(tmp_path, cache):
     run = tmp_path / "run"
     # with the mass-covering term on: the learner actor warm-starts once, not again on resume
