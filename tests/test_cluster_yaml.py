@@ -1,4 +1,5 @@
-"""cluster.yaml passes Ray's own launcher preparation and schema, without contacting a cloud."""
+"""cluster.yaml passes Ray's own launcher preparation and schema, without contacting a cloud;
+tests/cluster_local.yaml, its local twin for Ray's fake autoscaler, keeps its node types."""
 
 from __future__ import annotations
 
@@ -71,6 +72,34 @@ def test_setup_installs_the_synced_package_with_the_constraints_file():
     assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in c for c in starts)
     assert "--dashboard-host=127.0.0.1" in config["head_start_ray_commands"][-1]
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+
+
+def test_the_local_twin_has_the_same_node_types_and_custom_resources():
+    """tests/cluster_local.yaml stands in for cluster.yaml on one machine (Ray's fake multi-node
+    provider, tests/test_elastic.py): what placement sees must be the same, the sizes not."""
+    twin = yaml.safe_load((ROOT / "tests" / "cluster_local.yaml").read_text())
+    validate_config(copy.deepcopy(twin))  # what Ray's autoscaler does when it loads the file
+    assert twin["provider"]["type"] == "fake_multinode"
+    real = prepared()
+    # the fake provider's head type is always named ray.head.default
+    assert twin["head_node_type"] == "ray.head.default"
+    types = {real["head_node_type"] if name == twin["head_node_type"] else name: node
+             for name, node in twin["available_node_types"].items()}
+    assert set(types) == set(real["available_node_types"]) == {"head", "rollout", "learner"}
+    builtin = {"CPU", "memory", "object_store_memory"}
+    for name, node in real["available_node_types"].items():
+        ours = {k: v for k, v in types[name]["resources"].items() if k not in builtin}
+        theirs = {k: v for k, v in node["resources"].items() if k not in builtin}
+        assert set(ours) == set(theirs), name  # rollout; GPU + learner; nothing on the head
+        assert types[name].get("min_workers", 0) == node["min_workers"], name
+        assert 0 < types[name]["max_workers"] <= node["max_workers"] or name == "head"
+    # one learner and one GPU per learner node, as on the cloud; rollout slots are whole
+    assert {k: types["learner"]["resources"][k] for k in ("GPU", "learner")} == {
+        k: real["available_node_types"]["learner"]["resources"][k] for k in ("GPU", "learner")}
+    assert types["rollout"]["resources"]["rollout"] >= 1
+    assert types["rollout"]["max_workers"] + types["learner"]["max_workers"] <= twin[
+        "max_workers"]
+    assert 0 < twin["idle_timeout_minutes"] < 1  # tests see idle nodes go within seconds
 
 
 @pytest.mark.parametrize("break_it,error", [
