@@ -1,7 +1,11 @@
 """The coordinator: one named actor per run that owns the rollout workers. It keeps
 ``runtime.max_in_flight`` calls in flight per worker, replaces workers that die and follows
 ``scale``: surplus workers get no new calls and stop once theirs have returned, so no inserted
-trajectory is lost. ``status`` and ``metrics`` are served meanwhile (``max_concurrency``)."""
+trajectory is lost. ``status`` and ``metrics`` are served meanwhile (``max_concurrency``).
+
+A worker Ray cannot place yet (no node has its resources: ``runtime.worker_resources`` on an
+autoscaled cluster waiting for a node) is *pending*; ``status`` says so, and scaling down
+removes pending workers first, at once."""
 
 from __future__ import annotations
 
@@ -32,6 +36,25 @@ class WorkerRecord:
     version: int = -1
     inserted: int = 0
     calls: int = 0
+    placed: bool = False  # Ray has started its process on a node (never unset)
+
+
+def actor_placed(handle: Any) -> bool | None:
+    """Whether Ray has started the actor's process on some node: until then it waits for a node
+    with its resources (pending). None when this Ray cannot tell.
+
+    The GCS actor table has the worker's pid from the moment a node leases it (the constructor
+    may still be running) and 0 while the request waits for resources; reading one entry is one
+    local RPC (~1 ms). ``ray.util.state.get_actor`` says the same through the dashboard's API
+    server, an HTTP hop through a process that a busy head may answer slowly, and status must
+    stay quick. The table is private Ray API, hence the None."""
+    try:
+        from ray._private import state
+
+        info = state.actors(actor_id=handle._actor_id.hex())
+    except (AttributeError, ImportError, ray.exceptions.RayError):
+        return None
+    return bool(info) and int(info.get("Pid") or 0) > 0
 
 
 @ray.remote(num_cpus=0, max_concurrency=8)
@@ -66,8 +89,14 @@ class Coordinator:
         index = self.next_index[role]
         self.next_index[role] += 1
         name = f"{self.run}/{role}-{index}"
+        # Custom resources are asked for only when the config says so (runtime.worker_resources,
+        # e.g. {rollout: 1} on cluster.yaml), not when the cluster happens to have them: an
+        # autoscaled cluster with no rollout node up yet has no `rollout` in
+        # ray.cluster_resources(), and the node types the autoscaler could add are not public
+        # API. Explicit keeps every worker of a run placed alike.
         handle = RolloutWorker.options(
             name=name, namespace=self.namespace, num_cpus=self.cfg.runtime.worker_num_cpus,
+            resources=dict(self.cfg.runtime.worker_resources) or None,
             scheduling_strategy="SPREAD", max_restarts=0,
         ).remote(self.cfg, role, name, self.store, self.weights,
                  seed=self.cfg.seeds.worker(role, index), prior_file=self.prior_file)
@@ -81,7 +110,11 @@ class Coordinator:
                 continue
             for _ in range(self.targets[role] - len(active)):
                 self._spawn(role)
-            for w in sorted(active, key=lambda w: w.started)[self.targets[role]:]:
+            # keep those that have sampled, oldest first: a worker that has not (pending, or
+            # still starting) holds no rows, and a pending one would make an autoscaler add a
+            # node for nothing
+            keep = sorted(active, key=lambda w: (w.calls == 0, w.started))
+            for w in keep[self.targets[role]:]:
                 w.retiring = True  # no new calls; shut down once its calls are back
 
     def _submit(self) -> dict[Any, WorkerRecord]:
@@ -143,8 +176,21 @@ class Coordinator:
             with self.lock:
                 self._record(w, result)
 
+    @staticmethod
+    def _placed(w: WorkerRecord) -> bool | None:
+        """Whether the worker has a process on a node (asked of Ray until it has)."""
+        if not w.placed:
+            placed = w.calls > 0 or actor_placed(w.handle)
+            if not placed:
+                return placed
+            w.placed = True
+        return True
+
     def _retire(self) -> None:
-        for w in [w for w in self.workers.values() if w.retiring and not w.in_flight]:
+        for w in [w for w in self.workers.values() if w.retiring]:
+            # a pending worker's calls have not started (it has no process): nothing to wait for
+            if w.in_flight and self._placed(w) is not False:
+                continue
             ray.kill(w.handle)
             del self.workers[w.name]
             self.totals["retired"] += 1
@@ -211,11 +257,25 @@ class Coordinator:
                 out[f"replay_{key}"] = float(self.store_stats[key])
         return out
 
+    @staticmethod
+    def _state(w: WorkerRecord, placed: bool | None) -> str:
+        """pending: waits for a node with its resources; starting: on a node (or Ray cannot
+        tell), no call back yet; sampling: calls have come back."""
+        if w.calls > 0:
+            return "sampling"
+        return "pending" if placed is False else "starting"
+
     def status(self) -> dict[str, Any]:
+        with self.lock:
+            unplaced = [w for w in self.workers.values() if not w.placed]
+        # outside the lock (one GCS read each), so the loop never waits on status
+        placed = {w.name: self._placed(w) for w in unplaced}
         with self.lock:
             workers = [{"name": w.name, "role": w.role, "node": w.node, "version": w.version,
                         "inserted": w.inserted, "calls": w.calls, "retiring": w.retiring,
-                        "in_flight": len(w.in_flight)} for w in self.workers.values()]
+                        "in_flight": len(w.in_flight),
+                        "state": self._state(w, placed.get(w.name, True))}
+                       for w in self.workers.values()]
             return {"run": self.run, "targets": dict(self.targets), "workers": workers,
                     "totals": dict(self.totals), "inserted_by_role": dict(self.by_role),
                     "inserted_by_node": dict(self.by_node), "throughput": self._throughput(),

@@ -268,7 +268,10 @@ def format_status(s: dict) -> str:
     for role in ROLE_NAMES:
         mine = [x for x in s["workers"] if x["role"] == role and not x["retiring"]]
         nodes = sorted({(x["node"] or "?")[:8] for x in mine})
-        lines.append(f"  {role:9s} workers {len(mine)}/{s['targets'][role]}  "
+        # pending: Ray has no node for it yet (an autoscaler may be adding one)
+        pending = sum(x["state"] == "pending" for x in mine)
+        waiting = f" ({pending} pending)" if pending else ""
+        lines.append(f"  {role:9s} workers {len(mine)}/{s['targets'][role]}{waiting}  "
                      f"{tp[f'trajectories_per_s_{role}']:8.0f} traj/s  "
                      f"inserted {s['inserted_by_role'][role]:>9d}  nodes {','.join(nodes) or '-'}")
     lines.append(f"  total     {tp['trajectories_per_s']:.0f} traj/s; replaced workers "

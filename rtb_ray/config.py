@@ -215,6 +215,11 @@ class RuntimeConfig(Strict):
     )
     rollout_batch_size: int = Field(128, ge=1, description="trajectories per worker call")
     worker_num_cpus: float = Field(0.5, gt=0, description="Ray CPUs per rollout worker")
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources per rollout worker, e.g. {rollout: 1} on cluster.yaml: "
+                    "workers then run only on nodes that have them, and wait (pending) for the "
+                    "autoscaler to add such nodes")
     learner_num_cpus: float = Field(1.0, gt=0)
     learner_num_gpus: float = Field(0.0, ge=0, description="> 0: the learner runs on CUDA")
     publish_every_steps: int = Field(5, ge=1, description="learner steps between weight versions")
@@ -239,6 +244,21 @@ class RuntimeConfig(Strict):
     @classmethod
     def _check_workers(cls, v: dict[str, int]) -> dict[str, int]:
         return check_worker_counts(v)
+
+    @field_validator("worker_resources")
+    @classmethod
+    def _check_worker_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        # Ray's own rules, checked here so a typo is one line before anything starts
+        for name, amount in v.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"{name!r} is not a custom resource (CPUs per worker: "
+                                 f"runtime.worker_num_cpus)")
+            if not name:
+                raise ValueError("a resource name must not be empty")
+            if not 0 < amount <= 1024 or (amount > 1 and amount != int(amount)):
+                raise ValueError(f"{name!r}: an amount in (0, 1] or a whole number up to 1024 "
+                                 f"(got {amount})")
+        return v
 
     @model_validator(mode="after")
     def _staleness_reachable(self) -> "RuntimeConfig":
