@@ -267,7 +267,7 @@ def format_status(s: dict) -> str:
     tp = s["throughput"]
     for role in ROLE_NAMES:
         mine = [x for x in s["workers"] if x["role"] == role and not x["retiring"]]
-        nodes = sorted({(x["node"] or "?")[:8] for x in mine})
+        nodes = sorted({x["node"][:8] for x in mine if x["node"]})  # those that have sampled
         # pending: Ray has no node for it yet (an autoscaler may be adding one)
         pending = sum(x["state"] == "pending" for x in mine)
         waiting = f" ({pending} pending)" if pending else ""
