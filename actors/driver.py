@@ -86,6 +86,7 @@ def train_on_ray(cfg: RunConfig, output: Path, *, address: str | None = None,
         **names, "driver_pid": os.getpid(), "started": time.time()})
     try:
         try:
+            _wait_until_gone(names.values())
             start_learner, weights, coordinator, store = _start_actors(
                 cfg, output, run, names, tracking_uri, prior_file)
             learner = start_learner(resume)
@@ -117,6 +118,20 @@ def train_on_ray(cfg: RunConfig, output: Path, *, address: str | None = None,
         ray.shutdown()
         info = read_runtime(output)
         write_json(output / RUNTIME_FILE, {**info, "ended": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+def _wait_until_gone(names: Any, timeout_s: float = 60.0) -> None:
+    """A killed driver's actors die with it, but on a cluster that outlives the driver their
+    names are freed a moment later, and a --resume may come first (the run's lock already says
+    no live driver holds it). Past the timeout, starting the actors names the one in the way."""
+    deadline = time.monotonic() + timeout_s
+    for name in names:
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:
+                break
+            time.sleep(0.5)
 
 
 def _start_actors(cfg: RunConfig, output: Path, run: str, names: dict[str, str],
