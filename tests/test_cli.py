@@ -60,6 +60,12 @@ def sets(items: list[str]) -> list[str]:
         ("task.num_steps=0", "task.num_steps: Input should be greater than or equal to 1"),
         ("train.objective.kind=ppo", "train.objective.kind"),
         ("train.sources={posterior: 1, replay: 1}", "unknown source 'replay'"),
+        ("task.name=__init__", "must define Config (a pydantic model) and make_task"),
+        ("task.name=123", "task name must be a non-empty string (got 123)"),
+        ("task.name=null", "task name must be a non-empty string (got None)"),
+        ("task.name=[a, b]", "task name must be a non-empty string (got ['a', 'b'])"),
+        pytest.param("device=cuda", "device: cuda was asked for but torch sees no GPU",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
         # sizes that are typos, not settings: refused before anything allocates them
         ("eval.num_samples=100000000", "eval.num_samples: Input should be less than or equal"),
         ("task.num_steps=1000000", "task.num_steps: Input should be less than or equal to 10000"),
