@@ -42,6 +42,7 @@ def store_settings(cfg: RunConfig) -> dict[str, Any]:
     replay = cfg.replay
     return dict(capacity_trajectories=replay.capacity, segment_rows=replay.segment_rows,
                 keep_bytes=replay.keep_bytes, keep_segments=replay.keep_segments,
+                seal_every_s=replay.seal_every_s,
                 seed=cfg.seeds.store, samples_per_insert=replay.samples_per_insert,
                 error_buffer=replay.error_buffer or max(replay.min_size_to_sample,
                                                         2 * cfg.train.batch_size),

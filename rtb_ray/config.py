@@ -174,6 +174,10 @@ class ReplayConfig(Strict):
         None, ge=1, description="rows per sealed segment (default ≈ 64 MiB); every checkpoint "
                                 "also seals what is pending"
     )
+    seal_every_s: float | None = Field(
+        10.0, gt=0, description="also seal rows that have waited this long (None: only full "
+                                "segments): a crash loses at most this many seconds of inserts"
+    )
     keep_bytes: int | None = Field(
         None, ge=1, description="bytes of sealed segments kept on disk, the oldest deleted first "
                                 "(None: every segment; --resume reloads what is kept)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import duckdb
@@ -427,3 +428,17 @@ def test_a_segment_unlisted_but_not_yet_deleted_is_readopted_in_id_order(tmp_pat
     assert sorted(p.name for p in tmp_path.glob("segment-*.arrow")) == [
         "segment-00000002.arrow", "segment-00000003.arrow"]
     reopened.close()
+
+
+def test_rows_are_sealed_by_age_so_a_crash_loses_seconds_not_a_segment(tmp_path: Path) -> None:
+    store = ReplayStore(tmp_path, capacity_trajectories=1000, segment_rows=400, seal_every_s=0.3)
+    store.insert(batch(7))  # far from a full segment, no flush
+    deadline = time.monotonic() + 10
+    while store.stats()["sealed_rows"] < 7 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert store.stats()["sealed_rows"] == 7 and store.stats()["sealed_segments"] == 1
+    time.sleep(0.5)  # nothing pending: no empty segments, no busy sealer
+    assert store.stats()["sealed_segments"] == 1
+    store.close()
+    with pytest.raises(ValueError, match="seal_every_s"):
+        ReplayStore(tmp_path / "x", seal_every_s=0)

@@ -128,6 +128,7 @@ class ReplayStore:
         segment_rows: int | None = None,
         keep_bytes: int | None = None,
         keep_segments: int | None = None,
+        seal_every_s: float | None = None,
         layout: TrajectoryLayout | None = None,
         run: str = "",
         samples_per_insert: float | None = None,
@@ -140,7 +141,9 @@ class ReplayStore:
         """A store of at most ``capacity_trajectories`` rows and ``capacity_bytes`` bytes (of
         all columns). ``directory``: where sealed segments go (None: memory only); an existing
         store directory is reopened. ``segment_rows``: rows per segment (default ≈ 64 MiB);
-        ``keep_bytes`` / ``keep_segments``: how much of it stays on disk (segments.py).
+        ``keep_bytes`` / ``keep_segments``: how much of it stays on disk (segments.py);
+        ``seal_every_s``: also seal what is pending this often (None: only full segments), which
+        bounds what a crash loses to that many seconds of inserts.
         ``layout``: the states' shape and dtype, else taken from the directory or the first
         insert. ``run``: the run name written with rows inserted as TrajectoryBatch. The rate
         limiter (rate_limiter.py): ``samples_per_insert`` (None: no ratio) with
@@ -148,6 +151,8 @@ class ReplayStore:
         (uniform); ``seed`` makes sampling deterministic."""
         if capacity_trajectories < 1:
             raise ValueError(f"capacity_trajectories must be >= 1 (got {capacity_trajectories})")
+        if seal_every_s is not None and not 0 < seal_every_s < math.inf:
+            raise ValueError(f"seal_every_s must be a positive number (got {seal_every_s})")
         if segment_rows is not None and segment_rows < 1:
             raise ValueError(f"segment_rows must be >= 1 (got {segment_rows})")
         self.run = run
@@ -173,6 +178,8 @@ class ReplayStore:
         self._disk_lock = threading.Lock()  # the manifest has one writer at a time
         self._sealed = 0  # rows below this sequence number are on disk
         self._flush_to = 0
+        self._seal_every_s = seal_every_s
+        self._pending_since = 0.0  # when the oldest row not on disk was inserted
         self._closing = False
         self._seal_error: BaseException | None = None
         if directory is not None:
@@ -291,6 +298,8 @@ class ReplayStore:
             self._next_id += len(rows)
             ids = np.arange(first_id, self._next_id, dtype=np.int64)
             if len(good):
+                if self._stop == self._sealed:
+                    self._pending_since = time.monotonic()
                 self._write(good, ids if all_finite else ids[finite])
                 self._limiter.inserted += len(good)
                 self._counters["inserted"] += len(good)
@@ -392,16 +401,25 @@ class ReplayStore:
     def _seal_range(self) -> tuple[int, int] | None:
         """The next rows to seal: a full segment, or on flush/close what is pending."""
         pending = self._stop - self._sealed
-        partial = self._closing or self._flush_to > self._sealed
+        partial = (self._closing or self._flush_to > self._sealed
+                   or self._seal_wait() == 0)
         if pending and (pending >= self._segment_rows or partial):
             return self._sealed, self._sealed + min(pending, self._segment_rows)
         return None
 
+    def _seal_wait(self) -> float | None:
+        """Seconds until the pending rows are due to be sealed by age (None: not by age)."""
+        if self._seal_every_s is None or self._stop == self._sealed:
+            return None
+        return max(0.0, self._pending_since + self._seal_every_s - time.monotonic())
+
     def _seal_loop(self) -> None:
-        """Background thread: write full segments (and, on flush/close, the partial one)."""
+        """Background thread: write full segments (and, on flush/close or every
+        ``seal_every_s``, the partial one)."""
         while True:
             with self._lock:
-                self._changed.wait_for(lambda: self._closing or self._seal_range() is not None)
+                while not (self._closing or self._seal_range() is not None):
+                    self._changed.wait(self._seal_wait())
                 span = self._seal_range()
                 if span is None:
                     return  # closing, all sealed
