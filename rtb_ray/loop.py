@@ -157,6 +157,9 @@ def _loop(run: Run, batches: BatchSource, progress: bool, stop: threading.Event)
         mass_covering_phase(run, progress)
     if learner.step_count == 0:
         evaluate(run, cfg.eval.num_samples, "step_0")
+    if not run.run_dir.checkpoint_path.exists():
+        # from the start, a dead learner can be restarted and a killed run resumed
+        checkpoint(run, batches)
     keys = run.task.progress_metrics
     window: dict[str, list[float]] = defaultdict(list)
     bar = tqdm(total=cfg.train.steps, initial=learner.step_count, desc="train",

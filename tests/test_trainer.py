@@ -187,3 +187,25 @@ def test_in_process_run_with_mass_covering_warm_starts_once_and_resumes(tmp_path
     assert train(again, batches, progress=False)["step"] == 20
     assert "warm_start_steps" not in json.loads((run_dir / "mass_covering.json").read_text())
     assert torch.equal(again.learner.target_terminals, targets)  # the same samples, drawn again
+
+
+def test_a_learner_that_dies_at_its_first_batch_leaves_a_step_0_checkpoint(tmp_path, cache,
+                                                                          monkeypatch):
+    """So a dead learner can be restarted, and a killed run resumed, from the start."""
+    from test_cli import CONFIG, TINY
+
+    monkeypatch.setenv("RTB_RAY_CACHE", str(cache))
+    run, batches = in_process(load_config(CONFIG, [*TINY, "tracking.enabled=false"]),
+                              tmp_path / "run")
+
+    def dies(learner):  # type: ignore[no-untyped-def]
+        raise RuntimeError("the learner's node went away")
+
+    monkeypatch.setattr(batches, "next_batch", dies)
+    with pytest.raises(RuntimeError, match="node went away"):
+        train(run, batches, progress=False)
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert saved["learner"]["step"] == 0
+    again, batches = in_process(load_config(CONFIG, [*TINY, "tracking.enabled=false"]),
+                                tmp_path / "run", resume=True)
+    assert train(again, batches, progress=False)["step"] == again.cfg.train.steps
