@@ -23,7 +23,7 @@ from actors.learner import LearnerActor
 from actors.replay import start_store
 from actors.session import NAMESPACE, RUNTIME_FILE, init_ray, read_runtime
 from actors.weights import WeightStore
-from rtb_ray.config import RunConfig, first_line
+from rtb_ray.config import ConfigError, RunConfig, first_line
 from rtb_ray.evaluation import format_eval
 from rtb_ray.learner import make_posterior
 from rtb_ray.loop import check_config_for_task
@@ -71,6 +71,10 @@ def train_on_ray(cfg: RunConfig, output: Path, *, address: str | None = None,
                  progress: bool = True) -> int:
     """Run training on Ray; returns the exit status (0 done, 130 interrupted, 1 failed)."""
     output = Path(output)
+    if cfg.device == "cuda" and cfg.runtime.learner_num_gpus == 0:
+        # the learner uses the GPU Ray gives it: without one it would train on the CPU silently
+        raise ConfigError("device: cuda on Ray needs runtime.learner_num_gpus >= 1 (or use "
+                          "--in-process)")
     checkpoint = check_run_dir(output, resume)
     task, prior_file = _check_and_prior_file(cfg, checkpoint if resume else None)
     output.mkdir(parents=True, exist_ok=True)
