@@ -109,6 +109,19 @@ def test_ctrl_c_checkpoints_and_resume_continues(tmp_path, cache):
                             env=user_env(cache),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=default_sigint)
+    try:
+        stopped_at = _interrupt_a_live_run(proc, run, long, cache)
+    finally:  # a failing check must not leave the run training through the rest of the suite
+        if proc.poll() is None:
+            proc.kill()
+    rtb_ray("train", str(CONFIG), "--in-process", "--no-progress", "--output", str(run), "--resume",
+            *sets(long), "--set", f"train.steps={stopped_at + 10}", cache=cache, check=True)
+    final = json.loads((run / "final_eval.json").read_text())
+    assert final["step"] == stopped_at + 10
+
+
+def _interrupt_a_live_run(proc: subprocess.Popen, run: Path, long: list[str], cache: Path) -> int:
+    """Wait for training, check that the directory is the run's own, then Ctrl-C it."""
     deadline = time.time() + 120
     while time.time() < deadline and not (
         (run / "metrics.jsonl").exists() and '"train"' in (run / "metrics.jsonl").read_text()
@@ -130,10 +143,7 @@ def test_ctrl_c_checkpoints_and_resume_continues(tmp_path, cache):
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     stopped_at = ckpt["learner"]["step"]
     assert stopped_at >= 50
-    rtb_ray("train", str(CONFIG), "--in-process", "--no-progress", "--output", str(run), "--resume",
-            *sets(long), "--set", f"train.steps={stopped_at + 10}", cache=cache, check=True)
-    final = json.loads((run / "final_eval.json").read_text())
-    assert final["step"] == stopped_at + 10
+    return stopped_at
 
 
 def test_train_resume_sample_end_to_end(tmp_path, cache):

@@ -36,10 +36,17 @@ from test_runtime import (  # noqa: E402
 TWIN = ROOT / "tests" / "cluster_local.yaml"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: the sockets are held together, so the OS cannot hand one out twice
+    (one at a time it may: a port freed a moment ago is free again)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def session_pids(sid: int) -> list[int]:
@@ -62,7 +69,7 @@ def session_pids(sid: int) -> list[int]:
 def fake_cluster(tmp_path: Path) -> Iterator[str]:
     """The twin's head, on ports and a temp dir of its own (another Ray on this machine is left
     alone); yields its address. Torn down by ending exactly the processes it started."""
-    port = free_port()
+    port, dashboard_port, client_port, agent_port = free_ports(4)
     config = yaml.safe_load(TWIN.read_text())
     config["provider"]["gcs_address"] = f"127.0.0.1:{port}"  # where the fake nodes join
     config_path = tmp_path / "cluster_local.yaml"
@@ -81,9 +88,9 @@ def fake_cluster(tmp_path: Path) -> Iterator[str]:
     head = subprocess.Popen(
         [ray_cli, "start", "--head", "--block",
          "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-         "--include-dashboard=false", f"--dashboard-port={free_port()}",
-         f"--ray-client-server-port={free_port()}",
-         f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats",
+         "--include-dashboard=false", f"--dashboard-port={dashboard_port}",
+         f"--ray-client-server-port={client_port}",
+         f"--dashboard-agent-listen-port={agent_port}", "--disable-usage-stats",
          f"--autoscaling-config={config_path}", f"--temp-dir={temp}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
