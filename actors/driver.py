@@ -125,9 +125,10 @@ def train_on_ray(cfg: RunConfig, output: Path, *, address: str | None = None,
 
 
 def _wait_until_gone(names: Any, timeout_s: float = 60.0) -> None:
-    """A killed driver's actors die with it, but on a cluster that outlives the driver their
-    names are freed a moment later, and a --resume may come first (the run's lock already says
-    no live driver holds it). Past the timeout, starting the actors names the one in the way."""
+    """A dead actor's name is freed a moment after its death: a killed driver's actors (on a
+    cluster that outlives the driver, a --resume may come first; the run's lock already says no
+    live driver holds it), a dead learner about to be restarted. Past the timeout, starting
+    the actor names the one in the way."""
     deadline = time.monotonic() + timeout_s
     for name in names:
         while time.monotonic() < deadline:
@@ -155,6 +156,7 @@ def _start_actors(cfg: RunConfig, output: Path, run: str, names: dict[str, str],
         cfg, run, NAMESPACE, store, weights, [ray.put(prior_file)])
 
     def start_learner(resume: bool) -> Any:
+        _wait_until_gone([names["learner"]])  # a dead learner's name is freed after its death
         return LearnerActor.options(
             name=names["learner"], num_cpus=rt.learner_num_cpus, num_gpus=rt.learner_num_gpus,
             scheduling_strategy=head if rt.learner_num_gpus == 0 else "DEFAULT",
@@ -209,12 +211,7 @@ def _watch(learner: Any, start_learner: Callable[[bool], Any], weights: Any, coo
                 bar.write(f"the learner died ({first_line(err)}); restarting it from the last "
                           f"checkpoint ({restarts}/{cfg.runtime.learner_max_restarts})")
                 ray.get(weights.reset.remote())  # the checkpoint may be behind its last version
-                for _ in range(60):  # the dead actor's name is freed a moment after its death
-                    try:
-                        learner = start_learner(True)
-                        break
-                    except ValueError:  # "name ... is already taken"
-                        time.sleep(0.5)
+                learner = start_learner(True)
                 done = learner.train.remote()
     except KeyboardInterrupt:
         bar.close()
