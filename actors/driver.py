@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -26,7 +26,7 @@ from actors.weights import WeightStore
 from rtb_ray.config import ConfigError, RunConfig, first_line
 from rtb_ray.evaluation import format_eval
 from rtb_ray.learner import make_posterior
-from rtb_ray.loop import check_config_for_task
+from rtb_ray.loop import check_config_for_task, stop_on_signals
 from rtb_ray.roles import ROLE_NAMES
 from rtb_ray.run_dir import check_run_dir, load_run_checkpoint, write_json
 from rtb_ray.tasks import Task, make_task, task_runtime_env
@@ -80,48 +80,53 @@ def train_on_ray(cfg: RunConfig, output: Path, *, address: str | None = None,
     output.mkdir(parents=True, exist_ok=True)
 
     init_ray(address, runtime_env=task_runtime_env(cfg.task.name))  # ships a user task
-    # SIGTERM (e.g. `ray job stop`, a batch system) stops the run like Ctrl-C does; after
-    # ray.init, whose failure-signal handler would otherwise kill the driver without a checkpoint
-    signal.signal(signal.SIGTERM, _interrupt)
     run = run_id(output)
     names = {role: f"{run}/{role}" for role in ("store", "weights", "coordinator", "learner")}
     write_json(output / RUNTIME_FILE, {
         "run": run, "address": ray.get_runtime_context().gcs_address, "namespace": NAMESPACE,
         **names, "driver_pid": os.getpid(), "started": time.time()})
+    stop = threading.Event()
     try:
-        try:
-            _wait_until_gone(names.values())
-            start_learner, weights, coordinator, store = _start_actors(
-                cfg, output, run, names, tracking_uri, prior_file)
-            learner = start_learner(resume)
-            tracking = ray.get(learner.tracking.remote())
-        except ray.exceptions.RayActorError as err:
-            print(f"rtb-ray: error: the learner failed to start: "
-                  f"{str(err).strip().splitlines()[0]}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:  # before training started: nothing to checkpoint
-            print("interrupted while starting: no checkpoint written by this session")
-            return 130
-        print(f"run directory: {output}  (Ray: {ray.get_runtime_context().gcs_address}, "
-              f"run {run})")
-        print(f"  watch and scale it: rtb-ray status {output}; rtb-ray scale {output} --workers N")
-        if tracking is not None:
-            print(tracking)
-        code = _watch(learner, start_learner, weights, coordinator, cfg, output, progress,
-                      task.progress_metrics)
-        final_status = ray.get(coordinator.stop.remote())
-        try:
-            ray.get(store.close.remote())  # seals the rows not yet on disk
-        except ray.exceptions.RayTaskError as err:  # e.g. a full disk: say what was not sealed
-            print(f"rtb-ray: error: replay store: {err.cause}", file=sys.stderr)
-            code = 1
-        final_status["replay"] = ray.get(store.stats.remote())
-        write_json(output / "runtime_status.json", final_status)
-        return code
+        # Ctrl-C and SIGTERM (`ray job stop`, a batch system) ask the learner to checkpoint and
+        # stop; set after ray.init, whose failure-signal handler would end the driver without one
+        with stop_on_signals(stop):
+            return _train(cfg, output, run, names, resume, tracking_uri, prior_file, progress,
+                          task.progress_metrics, stop)
     finally:
         ray.shutdown()
         info = read_runtime(output)
         write_json(output / RUNTIME_FILE, {**info, "ended": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+def _train(cfg: RunConfig, output: Path, run: str, names: dict[str, str], resume: bool,
+           tracking_uri: str | None, prior_file: bytes | None, progress: bool,
+           eval_keys: tuple[str, ...], stop: threading.Event) -> int:
+    """Start the run's actors, watch the learner to the end, then stop the workers and seal
+    the store."""
+    _wait_until_gone(names.values())
+    start_learner, weights, coordinator, store = _start_actors(
+        cfg, output, run, names, tracking_uri, prior_file)
+    try:
+        learner = start_learner(resume)
+        tracking = ray.get(learner.tracking.remote())
+    except ray.exceptions.RayActorError as err:
+        print(f"rtb-ray: error: the learner failed to start: {first_line(err)}", file=sys.stderr)
+        return 1
+    print(f"run directory: {output}  (Ray: {ray.get_runtime_context().gcs_address}, run {run})")
+    print(f"  watch and scale it: rtb-ray status {output}; rtb-ray scale {output} --workers N")
+    if tracking is not None:
+        print(tracking)
+    code = _watch(learner, start_learner, weights, coordinator, cfg, output, progress,
+                  eval_keys, stop)
+    final_status = ray.get(coordinator.stop.remote())
+    try:
+        ray.get(store.close.remote())  # seals the rows not yet on disk
+    except ray.exceptions.RayTaskError as err:  # e.g. a full disk: say what was not sealed
+        print(f"rtb-ray: error: replay store: {err.cause}", file=sys.stderr)
+        code = 1
+    final_status["replay"] = ray.get(store.stats.remote())
+    write_json(output / "runtime_status.json", final_status)
+    return code
 
 
 def _wait_until_gone(names: Any, timeout_s: float = 60.0) -> None:
@@ -165,15 +170,14 @@ def _start_actors(cfg: RunConfig, output: Path, run: str, names: dict[str, str],
     return start_learner, weights, coordinator, store
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def _follow(learner: Any, done: ray.ObjectRef, coordinator: Any, bar: tqdm,
-            eval_keys: tuple[str, ...]) -> None:
-    """Show the learner's progress until ``done`` is ready (RayActorError if the learner dies)."""
+            eval_keys: tuple[str, ...], stop: threading.Event) -> None:
+    """Show the learner's progress until ``done`` is ready (RayActorError if the learner dies,
+    KeyboardInterrupt once ``stop`` is set)."""
     last_eval_step = -1
     while not ray.wait([done], timeout=1.0)[0]:
+        if stop.is_set():
+            raise KeyboardInterrupt
         metrics_ref = coordinator.metrics.remote()
         status = ray.get(learner.status.remote())
         try:
@@ -189,7 +193,8 @@ def _follow(learner: Any, done: ray.ObjectRef, coordinator: Any, bar: tqdm,
 
 
 def _watch(learner: Any, start_learner: Callable[[bool], Any], weights: Any, coordinator: Any,
-           cfg: RunConfig, output: Path, progress: bool, eval_keys: tuple[str, ...]) -> int:
+           cfg: RunConfig, output: Path, progress: bool, eval_keys: tuple[str, ...],
+           stop: threading.Event) -> int:
     """Wait for the learner, showing progress. A learner that dies (killed, node lost, OOM) is
     restarted from the last checkpoint, ``runtime.learner_max_restarts`` times; the workers and
     the store go on meanwhile. Ctrl-C (or SIGTERM) asks the learner to checkpoint and stop."""
@@ -198,7 +203,7 @@ def _watch(learner: Any, start_learner: Callable[[bool], Any], weights: Any, coo
     try:
         while True:
             try:
-                _follow(learner, done, coordinator, bar, eval_keys)
+                _follow(learner, done, coordinator, bar, eval_keys, stop)
                 result = ray.get(done)
                 break
             except ray.exceptions.RayActorError as err:  # the learner's process is gone
@@ -215,7 +220,6 @@ def _watch(learner: Any, start_learner: Callable[[bool], Any], weights: Any, coo
                 done = learner.train.remote()
     except KeyboardInterrupt:
         bar.close()
-        print("stopping: the learner checkpoints ...")
         learner.stop.remote()
         result = ray.get(done)
         print(f"interrupted at step {result.get('step')}: checkpoint saved; continue with "

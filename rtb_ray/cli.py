@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -193,7 +194,7 @@ def train_in_process(cfg: RunConfig, output: Path, resume: bool, tracking_uri: s
     """The roles inline, the loop, one process (rtb_ray/batches.py InlineBatches)."""
     from rtb_ray.batches import InlineBatches
     from rtb_ray.evaluation import format_eval
-    from rtb_ray.loop import prepare, train
+    from rtb_ray.loop import prepare, stop_on_signals, train
     from rtb_ray.rollout import Sampler
 
     run = prepare(cfg, output, resume=resume)
@@ -202,10 +203,9 @@ def train_in_process(cfg: RunConfig, output: Path, resume: bool, tracking_uri: s
     print(f"run directory: {output}")
     if run.run_dir.tracker is not None:
         print(run.run_dir.tracker.describe())
-    try:
-        final = train(run, batches, progress=progress)
-    except KeyboardInterrupt:
-        return 130
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        final = train(run, batches, progress=progress, stop=stop)  # Ctrl-C: 130 from main
     print(format_eval(final, run.task.progress_metrics))
     print(f"final metrics: {output / 'final_eval.json'}")
     return 0
@@ -398,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError, ValueError) as err:  # config, I/O, checkpoint, data
         print(f"rtb-ray: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # what was saved, if anything, has been said
+        return 130
 
 
 if __name__ == "__main__":

@@ -8,11 +8,14 @@ runtime); building never trains."""
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -130,6 +133,28 @@ def evaluate(run: Run, n: int, name: str) -> dict[str, float]:
 def checkpoint(run: Run, batches: BatchSource) -> None:
     run.run_dir.save_checkpoint({"learner": run.learner.state_dict(),
                                  "batches": batches.state_dict()})
+
+
+@contextmanager
+def stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """Ctrl-C (SIGINT) and SIGTERM set ``stop``: the loop checkpoints and ends at its next step.
+    Raising KeyboardInterrupt wherever the main thread happens to be loses the signal when that
+    is a finaliser (a ``__del__`` or weakref callback, e.g. a closed SQLite connection's):
+    CPython prints "Exception ignored" and carries on. A second signal raises at once, for a
+    user who will not wait. Main thread only (as ``signal.signal`` is)."""
+    def request_stop(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print(f"{signal.Signals(signum).name}: stopping at the next step, with a checkpoint "
+              f"(again to stop at once)", flush=True)
+
+    before = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def train(run: Run, batches: BatchSource, *, progress: bool = True,

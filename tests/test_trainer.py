@@ -209,3 +209,28 @@ def test_a_learner_that_dies_at_its_first_batch_leaves_a_step_0_checkpoint(tmp_p
     again, batches = in_process(load_config(CONFIG, [*TINY, "tracking.enabled=false"]),
                                 tmp_path / "run", resume=True)
     assert train(again, batches, progress=False)["step"] == again.cfg.train.steps
+
+
+def test_a_signal_during_a_finaliser_still_stops_the_loop():
+    """Ctrl-C raised as KeyboardInterrupt inside a ``__del__`` is printed and dropped by
+    CPython; as a flag it cannot be lost. A second signal raises, and the handlers go back."""
+    import os
+    import signal
+    import threading
+
+    from rtb_ray.loop import stop_on_signals
+
+    class SignalledWhileFinalised:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(1000))  # bytecode: the handler runs here, inside the finaliser
+
+    stop = threading.Event()
+    before = signal.getsignal(signal.SIGINT)
+    with stop_on_signals(stop):
+        SignalledWhileFinalised()
+        assert stop.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(1000))
+    assert signal.getsignal(signal.SIGINT) is before
