@@ -15,7 +15,8 @@ from rtb_ray.trajectory import Source
 
 class Rows(Protocol):
     """The ``count`` stored rows, oldest first; only rank order and source subsets cost O(rows),
-    and only when a sampler asks for them."""
+    and only when a sampler asks for them. A store of groups (``group_size`` > 1) passes its
+    groups instead, each named by its first row: samplers then draw, rank and age groups."""
 
     count: int
 

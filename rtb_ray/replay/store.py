@@ -15,6 +15,11 @@ Bad input (docs/REPLAY.md):
   ±inf. They get ids, are counted (``quarantined_rows``) and kept aside in memory (the newest
   ``quarantine_capacity``, see ``quarantined()``), and are never sampled nor written to disk.
   The batch's other rows are inserted.
+
+With ``group_size`` k > 1 the store keeps and samples whole groups of k rows (one condition
+repeated k times, docs/REPLAY.md "Groups"): every group holds k consecutive sequence numbers
+starting at a multiple of k, a batch whose size or groups are not whole is rejected, a
+non-finite row quarantines its group, and ``sample`` draws groups.
 """
 
 from __future__ import annotations
@@ -118,6 +123,27 @@ class _StoreRows:
         return _StoreRows(s, s._sources.rows_of(s._ring, codes, s._start, s._stop), codes)
 
 
+class _Groups:
+    """The stored rows as whole groups of k (samplers.Rows): each group is one item, named by
+    its leader, the group's first row. Valid because groups are aligned (k consecutive sequence
+    numbers from a multiple of k) and a group has one source, so any source subset of the rows
+    is a concatenation of whole groups, oldest first."""
+
+    def __init__(self, rows: _StoreRows, k: int) -> None:
+        self._rows, self._k = rows, k
+        self.count = rows.count // k
+
+    def at(self, positions: np.ndarray) -> np.ndarray:
+        return self._rows.at(positions * self._k)
+
+    def ranked(self) -> np.ndarray:
+        ranked = self._rows.ranked()
+        return ranked[ranked % self._k == 0]  # groups ranked by their leader's log_reward
+
+    def of_sources(self, codes: tuple[int, ...]) -> "_Groups":
+        return _Groups(self._rows.of_sources(codes), self._k)
+
+
 class ReplayStore:
     def __init__(
         self,
@@ -137,6 +163,7 @@ class ReplayStore:
         sampler: Sampler | None = None,
         seed: int = 0,
         quarantine_capacity: int = 1024,
+        group_size: int = 1,
     ) -> None:
         """A store of at most ``capacity_trajectories`` rows and ``capacity_bytes`` bytes (of
         all columns). ``directory``: where sealed segments go (None: memory only); an existing
@@ -148,14 +175,26 @@ class ReplayStore:
         insert. ``run``: the run name written with rows inserted as TrajectoryBatch. The rate
         limiter (rate_limiter.py): ``samples_per_insert`` (None: no ratio) with
         ``error_buffer``, and ``min_size_to_sample``. ``sampler``: the default sampler
-        (uniform); ``seed`` makes sampling deterministic."""
+        (uniform); ``seed`` makes sampling deterministic.
+        ``group_size`` k: rows come in groups of k that share one ``cond`` and one source
+        (conditional rollouts repeat each condition k times). Inserts must be whole groups,
+        a non-finite row quarantines its group, and ``sample(n)`` (n a multiple of k) returns
+        n/k whole groups, each's rows contiguous, drawn by the sampler as one item each. The
+        capacity and ``segment_rows`` are rounded down to multiples of k (segment_rows at least
+        k)."""
         if capacity_trajectories < 1:
             raise ValueError(f"capacity_trajectories must be >= 1 (got {capacity_trajectories})")
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1 (got {group_size})")
+        if capacity_trajectories < group_size:
+            raise ValueError(f"capacity_trajectories={capacity_trajectories} holds no group of "
+                             f"group_size={group_size} rows")
         if seal_every_s is not None and not 0 < seal_every_s < math.inf:
             raise ValueError(f"seal_every_s must be a positive number (got {seal_every_s})")
         if segment_rows is not None and segment_rows < 1:
             raise ValueError(f"segment_rows must be >= 1 (got {segment_rows})")
         self.run = run
+        self.group_size = group_size
         self.sampler = sampler or Uniform()
         self._capacity_trajectories, self._capacity_bytes = capacity_trajectories, capacity_bytes
         self._segment_rows_wanted = segment_rows
@@ -203,12 +242,16 @@ class ReplayStore:
         return None if self._ring is None else self._ring.capacity
 
     def _allocate(self, layout: TrajectoryLayout) -> None:
+        # every size below is a multiple of k, which keeps groups aligned (docs/REPLAY.md)
+        k = self.group_size
         row_nbytes = ColumnRing.row_nbytes(layout)
         rows = self._capacity_trajectories
         if self._capacity_bytes is not None:
             rows = min(rows, self._capacity_bytes // row_nbytes)
+        rows -= rows % k
         if rows < 1:
-            raise ValueError(f"capacity_bytes={self._capacity_bytes} holds no row of "
+            what = "row" if k == 1 else f"group of group_size={k} rows"
+            raise ValueError(f"capacity_bytes={self._capacity_bytes} holds no {what} of "
                              f"{row_nbytes} bytes")
         if self._limiter.min_size_to_sample > rows:
             raise ValueError(f"min_size_to_sample={self._limiter.min_size_to_sample} is more "
@@ -216,12 +259,15 @@ class ReplayStore:
         segment_rows = self._segment_rows_wanted
         if segment_rows is None:
             segment_rows = min(max(1, DEFAULT_SEGMENT_BYTES // row_nbytes), max(1, rows // 2))
-        elif self._disk is not None and segment_rows > max(1, rows // 2):
+        segment_rows = max(k, segment_rows - segment_rows % k)
+        if (self._disk is not None and self._segment_rows_wanted is not None
+                and segment_rows > max(k, rows // 2)):
             raise ValueError(f"segment_rows={segment_rows} must be at most half the capacity "
                              f"({rows} rows)")
         self._segment_rows = segment_rows
-        # with a directory, unsealed rows (< segment_rows) may not be overwritten
-        self._max_batch_rows = rows if self._disk is None else rows - segment_rows + 1
+        # with a directory, unsealed rows (at most segment_rows - k once the sealer has caught
+        # up, as both are multiples of k) may not be overwritten
+        self._max_batch_rows = rows if self._disk is None else rows - segment_rows + k
         self._ring = ColumnRing(layout, rows)
 
     def _open(self, disk: SegmentDirectory) -> None:
@@ -251,7 +297,11 @@ class ReplayStore:
         if not tables:
             return
         table = pa.concat_tables(tables[::-1])
-        table = table.slice(max(0, table.num_rows - self._ring.capacity))
+        keep = min(table.num_rows, self._ring.capacity)
+        # whole groups only: segments end on group boundaries, so the newest multiple of k rows
+        # start on one (a directory written with another group_size: the best we can do)
+        keep -= keep % self.group_size
+        table = table.slice(table.num_rows - keep)
         for batch in table.to_batches():
             self._write(columns_from_arrow(batch, self.layout))
         self._sealed = self._stop
@@ -266,6 +316,8 @@ class ReplayStore:
         input carries its own run and worker; ids are always assigned by the store."""
         try:
             rows = self._columns(batch, worker)
+            if self.group_size > 1:
+                self._check_groups(rows)
         except ValueError as e:
             with self._lock:
                 return self._reject(str(e))
@@ -275,6 +327,8 @@ class ReplayStore:
         all_finite = all(math.isfinite(a.sum()) for a in scores)
         if not all_finite:
             finite = np.logical_and.reduce([np.isfinite(a) for a in scores])
+            if self.group_size > 1:  # a bad row takes its whole group with it
+                finite = finite.reshape(-1, self.group_size).all(axis=1).repeat(self.group_size)
             all_finite = bool(finite.all())
         good = rows if all_finite else rows.take(finite)
         with self._lock:
@@ -316,6 +370,27 @@ class ReplayStore:
             return columns_from_arrow(as_record_batch(batch), self.layout)
         raise ValueError(f"expected a TrajectoryBatch or a pyarrow RecordBatch/Table, "
                          f"got {type(batch).__name__}")
+
+    def _check_groups(self, rows: TrajectoryColumns) -> None:
+        """Raise a ValueError unless ``rows`` is whole groups: a multiple of k rows, and the k
+        rows of each group share their source and (byte for byte) their cond."""
+        k, n = self.group_size, len(rows)
+        if n % k:
+            raise ValueError(f"{n} rows is not a multiple of group_size={k}")
+        if n == 0:
+            return
+        columns = {"source": rows.source}
+        if rows.cond is not None:
+            cond = np.ascontiguousarray(rows.cond).reshape(n, -1)
+            columns["cond"] = cond.view(np.uint8)  # bytes: a repeated NaN matches itself
+        for name, values in columns.items():
+            grouped = values.reshape(n // k, k, -1)
+            differs = (grouped != grouped[:, :1]).any(axis=(1, 2))
+            if differs.any():
+                g = int(differs.argmax())
+                raise ValueError(f"field {name!r} differs within group {g} (rows {g * k}.."
+                                 f"{g * k + k - 1}): the group_size={k} rows of a group must "
+                                 f"share one {name}")
 
     def _reject(self, reason: str) -> InsertResult:
         self._counters["rejected_batches"] += 1
@@ -365,9 +440,15 @@ class ReplayStore:
         """``n`` trajectories drawn with replacement (ids in ``extras["id"]``); waits up to
         ``timeout`` seconds (None: no limit) for the rate limiter, then raises SampleTimeout.
         ``rate_limited=False``, for readers other than the learner (backward rollouts): wait only
-        for one row, neither count toward the samples-per-insert ratio nor are held back by it."""
+        for one row, neither count toward the samples-per-insert ratio nor are held back by it.
+        With ``group_size`` k > 1: ``n`` must be a multiple of k; n/k whole groups, each's k rows
+        contiguous and in insertion order, the groups in the sampler's (random) order."""
         if n < 1:
             raise ValueError(f"n must be >= 1 (got {n})")
+        k = self.group_size
+        if n % k:
+            raise ValueError(f"n={n} is not a multiple of group_size={k}: samples are whole "
+                             f"groups")
         sampler = sampler or self.sampler
         can_sample = self._limiter.can_sample if rate_limited else (lambda size: size > 0)
         with self._lock:
@@ -378,7 +459,12 @@ class ReplayStore:
                        else "the store is empty")
                 raise SampleTimeout(f"no sample within {timeout}s: {why}")
             self._check_open()
-            arrays = self._ring.gather(sampler.draw(_StoreRows(self), n, self._rng))
+            if k == 1:
+                seqs = sampler.draw(_StoreRows(self), n, self._rng)
+            else:  # draw group leaders, then take each leader's group
+                leaders = sampler.draw(_Groups(_StoreRows(self), k), n // k, self._rng)
+                seqs = (leaders[:, None] + np.arange(k)).reshape(-1)
+            arrays = self._ring.gather(seqs)
             if rate_limited:
                 self._limiter.sampled += n
             self._counters["sampled" if rate_limited else "sampled_other"] += n
@@ -399,7 +485,9 @@ class ReplayStore:
 
     # -- sealing -------------------------------------------------------------------------------
     def _seal_range(self) -> tuple[int, int] | None:
-        """The next rows to seal: a full segment, or on flush/close what is pending."""
+        """The next rows to seal: a full segment, or on flush/close what is pending. Both ends
+        are multiples of group_size (so are sealed, stop and segment_rows): a segment holds
+        whole groups, which is what lets a reopened store reload whole groups."""
         pending = self._stop - self._sealed
         partial = (self._closing or self._flush_to > self._sealed
                    or self._seal_wait() == 0)
@@ -496,6 +584,7 @@ class ReplayStore:
                 **self._counters,
                 "size": self.size,
                 "capacity": self.capacity or 0,
+                "group_size": self.group_size,
                 "nbytes": self.size * row_nbytes,
                 "capacity_bytes": (self.capacity or 0) * row_nbytes,
                 "unsealed_rows": self._stop - self._sealed if self._disk is not None else 0,
