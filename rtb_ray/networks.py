@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
 
 import torch
@@ -53,28 +54,119 @@ class TimeMLP(nn.Module):
         return self.trunk(h)
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """A transformers-style ``Conv1D`` (GPT-2's projections): ``x @ weight + bias`` with
+    ``weight`` of shape ``[in, out]``. Recognised by duck typing so that transformers stays an
+    optional dependency."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+            and isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[1] == module.nf)
+
+
+def _is_wrappable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
 class LoRALinear(nn.Module):
     """``base(x) + (alpha/rank)·x Aᵀ Bᵀ`` with the base frozen (Hu et al., LoRA). B starts at
-    zero, so the adapted network starts as the base network."""
+    zero, so the adapted network starts as the base network.
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+    ``base`` is an ``nn.Linear`` or a transformers-style ``Conv1D``: both map the last axis
+    ``in -> out``, so the adapter only needs the two sizes (the layouts of their weights differ,
+    which the base's own forward handles)."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float) -> None:
         super().__init__()
+        if isinstance(base, nn.Linear):
+            in_features, out_features = base.in_features, base.out_features
+        elif _is_conv1d(base):
+            in_features, out_features = base.weight.shape
+        else:
+            raise TypeError(f"LoRA wraps Linear and Conv1D layers, not {type(base).__name__}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
         self.base = base.requires_grad_(False)
-        self.lora_a = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
+        # the adapters live where the base lives and in its dtype, so wrapping a model that is
+        # already on a GPU or in half precision needs no extra .to(); A is drawn on the CPU
+        # generator first so that a seed gives the same adapters on every device
+        like = {"device": base.weight.device, "dtype": base.weight.dtype}
+        a = torch.randn(rank, self.in_features) / math.sqrt(self.in_features)
+        self.lora_a = nn.Parameter(a.to(**like))
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, **like))
         self.scale = alpha / rank
 
     def forward(self, x: Tensor) -> Tensor:
         return self.base(x) + self.scale * (x @ self.lora_a.T) @ self.lora_b.T
 
 
-def add_lora(net: nn.Module, rank: int, alpha: float) -> nn.Module:
-    """Wrap every ``nn.Linear`` of ``net`` (in place) in a LoRA adapter; only the adapters
-    stay trainable."""
+def _matches(pattern: str, path: str) -> bool:
+    """The whole path, a dotted suffix of it (``to_out.0`` for ``down.0.attn.to_out.0``), or an
+    fnmatch glob over the whole path (``*.attn.c_*``)."""
+    return path == pattern or path.endswith("." + pattern) or fnmatch.fnmatchcase(path, pattern)
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def add_lora(net: nn.Module, rank: int, alpha: float,
+             target_modules: list[str] | None = None) -> int:
+    """Wrap the targeted layers of ``net`` (in place) in LoRA adapters and return how many were
+    wrapped; afterwards only the adapters are trainable.
+
+    ``target_modules`` are patterns over the dotted paths of ``net.named_modules()`` (see
+    ``_matches``); ``None`` targets every ``nn.Linear`` and ``Conv1D`` outside
+    ``nn.MultiheadAttention``. Every targeted module must be wrappable and every pattern must
+    match something: a misspelt or over-broad target raises ``ValueError`` naming it rather than
+    training a different adapter than the one asked for. Everything is checked before ``net``
+    is touched, so a refusal leaves it unchanged.
+    """
+    modules = {path: m for path, m in net.named_modules() if path}
+    # nn.MultiheadAttention reads out_proj.weight (and its packed in_proj) directly in its
+    # forward instead of calling the submodule, so a wrapper there would break it or be bypassed
+    mha_paths = [path for path, m in modules.items() if isinstance(m, nn.MultiheadAttention)]
+    # the bases inside existing adapters are not targets again (add_lora run twice)
+    lora_paths = [path for path, m in modules.items() if isinstance(m, LoRALinear)]
+
+    def inside(path: str, parents: list[str]) -> bool:
+        return any(path.startswith(parent + ".") for parent in parents)
+
+    targets: list[str] = []
+    if target_modules is None:
+        targets = [path for path, m in modules.items()
+                   if _is_wrappable(m) and not inside(path, mha_paths + lora_paths)]
+        if not targets:
+            raise ValueError("adapter: the network has no Linear or Conv1D layer outside "
+                             "nn.MultiheadAttention, so LoRA has nothing to adapt")
+    else:
+        if not target_modules:
+            raise ValueError("adapter.target_modules is empty, so LoRA would adapt no layer")
+        for pattern in target_modules:
+            matched = [path for path in modules if _matches(pattern, path)]
+            if not matched:
+                raise ValueError(f"adapter.target_modules: {pattern!r} matches no module of "
+                                 "the network")
+            for path in matched:
+                module = modules[path]
+                by = "" if path == pattern else f" (matched by {pattern!r})"
+                kind = type(module).__name__
+                if isinstance(module, LoRALinear) or inside(path, lora_paths):
+                    raise ValueError(f"adapter.target_modules: {path!r} already has a LoRA "
+                                     f"adapter{by}")
+                if not _is_wrappable(module):
+                    raise ValueError(f"adapter.target_modules: {path!r} is {_article(kind)} "
+                                     f"{kind}, which LoRA cannot wrap (it wraps Linear and "
+                                     f"Conv1D layers){by}")
+                if inside(path, mha_paths):
+                    raise ValueError(f"adapter.target_modules: {path!r} is inside "
+                                     "nn.MultiheadAttention, which reads its weights "
+                                     f"directly{by}")
+                if path not in targets:
+                    targets.append(path)
+
     net.requires_grad_(False)
-    for name, child in list(net.named_children()):
-        if isinstance(child, nn.Linear):
-            setattr(net, name, LoRALinear(child, rank, alpha))
-        else:
-            add_lora(child, rank, alpha)
-    return net
+    for path in targets:
+        parent_path, _, name = path.rpartition(".")
+        parent = net.get_submodule(parent_path) if parent_path else net
+        # setattr with a string index also replaces entries of Sequential / ModuleList (to_out.0)
+        setattr(parent, name, LoRALinear(modules[path], rank, alpha))
+    return len(targets)
