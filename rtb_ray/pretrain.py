@@ -26,11 +26,32 @@ from rtb_ray.transitions import TransitionFamily
 PRIOR_FORMAT = "rtb-ray-prior/1"
 
 
+def _drop_cond(cond: Tensor, null_cond: Tensor, cond_drop: float,
+               generator: torch.Generator) -> Tensor:
+    """Each row's cond replaced by ``null_cond`` with probability ``cond_drop`` (drawn from the
+    CPU generator, like all pretraining noise, so a seed gives the same rows on any device)."""
+    drop = (torch.rand(cond.shape[0], generator=generator) < cond_drop).to(cond.device)
+    null = null_cond.to(cond.device, cond.dtype).expand_as(cond)
+    return torch.where(drop.view(-1, *([1] * (cond.dim() - 1))), null, cond)
+
+
 def pretrain_prior(family: TransitionFamily, net: nn.Module,
-                   sample_data: Callable[[int, torch.Generator], Tensor], steps: int,
-                   batch_size: int, lr: float, seed: int = 0, progress: bool = True) -> list[float]:
+                   sample_data: Callable[[int, torch.Generator], Tensor | tuple[Tensor, Tensor]],
+                   steps: int, batch_size: int, lr: float, seed: int = 0, progress: bool = True,
+                   cond_drop: float = 0.0, null_cond: Tensor | None = None) -> list[float]:
     """Fit ``net`` so that the family's process ends in the data distribution (Adam, cosine
-    learning rate). Returns the loss every 100 steps."""
+    learning rate). Returns the loss every 100 steps.
+
+    ``sample_data(n, generator)`` returns data ``x`` or ``(x, cond)``; with a cond the network
+    learns the conditional distribution. ``cond_drop`` > 0 replaces each row's cond by
+    ``null_cond`` (broadcast to the row) with that probability, so that the same network also
+    learns the unconditional distribution under ``null_cond`` (classifier-free-guidance
+    training)."""
+    if not 0.0 <= cond_drop <= 1.0:
+        raise ValueError(f"cond_drop must lie in [0, 1], not {cond_drop}")
+    if cond_drop > 0 and null_cond is None:
+        raise ValueError("cond_drop > 0 needs null_cond: the condition that stands for "
+                         "'no condition'")
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -39,7 +60,17 @@ def pretrain_prior(family: TransitionFamily, net: nn.Module,
     losses: list[float] = []
     bar = tqdm(range(steps), desc="pretrain prior", disable=not progress, mininterval=1.0)
     for step in bar:
-        loss = family.pretrain_loss(net, sample_data(batch_size, gen), gen)
+        data = sample_data(batch_size, gen)
+        x, cond = data if isinstance(data, tuple) else (data, None)
+        if cond_drop > 0:
+            if cond is None:
+                raise ValueError("cond_drop > 0 needs conditions: sample_data must return "
+                                 "(x, cond)")
+            assert null_cond is not None  # checked above
+            # drawn only when asked for: without cond_drop the generator's stream (and so a
+            # seeded prior) is what it was before conditions existed
+            cond = _drop_cond(cond, null_cond, cond_drop, gen)
+        loss = family.pretrain_loss(net, x, gen, cond=cond)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -45,10 +45,12 @@ class TransitionFamily(Protocol):
         ...
 
     def pretrain_loss(self, net: nn.Module, x: Tensor, generator: torch.Generator | None = None,
-                      first_steps: int | None = None) -> Tensor:
+                      first_steps: int | None = None, cond: Tensor | None = None) -> Tensor:
         """A denoising loss on data ``x [n, *event]`` whose optimum makes the chain end in the
         data distribution (prior pretraining; the mass-covering term). ``first_steps``: only
-        chain steps k < first_steps."""
+        chain steps k < first_steps. ``cond [n, ...]``: each row's condition, passed to the
+        network as ``step_log_probs`` passes it, so that the optimum is the conditional data
+        distribution (rows whose cond is a null condition learn the unconditional one)."""
         ...
 
 
@@ -187,17 +189,18 @@ class PinnedBrownian(GaussianSteps):
         return t / (t + 1), self.step_var * t / (t + 1)
 
     def pretrain_loss(self, net: nn.Module, x1: Tensor, generator: torch.Generator | None = None,
-                      first_steps: int | None = None) -> Tensor:
+                      first_steps: int | None = None, cond: Tensor | None = None) -> Tensor:
         """Bridge matching: given x_1 and x_t on the Brownian bridge from 0, the expected
         increment is dt·(x_1 − x_t)/(1 − t). Regressing the drift on it has the same optimum as
-        path maximum likelihood on bridge-noised data, with far less variance."""
+        path maximum likelihood on bridge-noised data, with far less variance. (With
+        ``learn_variance`` the variance channels get no gradient here: the prior keeps s = 0.)"""
         # noise from the (CPU) generator, then moved: the learner may run on a GPU
         n, dev = x1.shape[0], x1.device
         k = torch.randint(0, first_steps or self.num_steps, (n,), generator=generator).to(dev)
         t = (k.float() / self.num_steps)[:, None]
         z = torch.randn(x1.shape, generator=generator).to(dev)
         x_t = t * x1 + (self.sigma**2 * t * (1 - t)).sqrt() * z
-        drift = net(x_t, k)[..., : self.dim]
+        drift = net(x_t, k, cond)[..., : self.dim]
         return (drift - (x1 - x_t) / (1 - t)).square().sum(-1).mean()
 
 
@@ -221,12 +224,20 @@ class DDPMGaussian(GaussianSteps):
     The floor keeps the last, near-deterministic steps' log-densities finite; both models use
     this one family, so they share it. The start x_T ~ N(0, I) is common to every process here
     and cancels in every ratio: log-probabilities sum the T transitions only.
+
+    With ``learn_variance`` the network's output is ``[ε, s]`` (2·dim wide) and the step
+    variance is ``max(max(β_s, min_std²)·exp(s), min_std²)`` per entry: a reward tilt shrinks
+    the step variances, so only then is the exact posterior path in the family. s = 0 (a
+    zero-initialised head) gives exactly the fixed variance, and the floor still holds.
     """
 
     noisy_start = True
 
-    def __init__(self, dim: int, num_steps: int, min_std: float = 1e-3) -> None:
-        super().__init__(dim, num_steps, dim)
+    def __init__(self, dim: int, num_steps: int, min_std: float = 1e-3,
+                 learn_variance: bool = False) -> None:
+        super().__init__(dim, num_steps, 2 * dim if learn_variance else dim)
+        self.learn_variance = learn_variance
+        self.min_var = min_std**2
         betas = linear_betas(num_steps)  # indexed by s − 1
         alpha_bar = torch.cumprod(1 - betas, 0)
         # per chain index k (s = T − k), float32 for the hot path
@@ -245,9 +256,20 @@ class DDPMGaussian(GaussianSteps):
     def _mean(self, x: Tensor, eps: Tensor, k: Tensor | int) -> Tensor:
         return self._at(self.coef_x, k, x) * x - self._at(self.coef_eps, k, x) * eps
 
+    def _eps_and_var(self, out: Tensor, k: Tensor | int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """Split a network output into ε and the step variance (fixed, or scaled by exp(s))."""
+        var = self._at(self.var, k, like)
+        if not self.learn_variance:
+            return out, var
+        eps, log_scale = out.split(self.dim, dim=-1)
+        # the same clamp as PinnedBrownian's; the floor again after scaling, so a shrinking
+        # posterior cannot make the near-deterministic last steps' densities blow up
+        return eps, (var * log_scale.clamp(-8.0, 4.0).exp()).clamp_min(self.min_var)
+
     def moments(self, net: nn.Module, x: Tensor, k: Tensor | int,
                 cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self._mean(x, net(x, k, cond), k), self._at(self.var, k, x)
+        eps, var = self._eps_and_var(net(x, k, cond), k, x)
+        return self._mean(x, eps, k), var
 
     def guided_moments(self, net: nn.Module, x: Tensor, k: int, cond: Tensor | None,
                        guidance: Guidance, scale: float) -> tuple[Tensor, Tensor]:
@@ -257,9 +279,9 @@ class DDPMGaussian(GaussianSteps):
         blows up the start.)"""
         x_in = x.detach().requires_grad_()
         with torch.enable_grad():
-            eps = net(x_in, k, cond)
+            eps, var = self._eps_and_var(net(x_in, k, cond), k, x)
             grad, = torch.autograd.grad(guidance(self.predict_x0(x_in, eps, k)).sum(), x_in)
-        var = self._at(self.var, k, x)
+        var = var.detach()  # the step's own (possibly learned) std sets the guidance step's size
         rms = grad.square().mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
         return self._mean(x, eps.detach(), k) + scale * var.sqrt() * grad / rms, var
 
@@ -274,11 +296,14 @@ class DDPMGaussian(GaussianSteps):
         return math.sqrt(1 - beta), beta
 
     def pretrain_loss(self, net: nn.Module, x0: Tensor, generator: torch.Generator | None = None,
-                      first_steps: int | None = None) -> Tensor:
+                      first_steps: int | None = None, cond: Tensor | None = None) -> Tensor:
         """ε-matching (DDPM's simple loss) at a uniformly drawn diffusion time (``first_steps``:
         the noisiest ones)."""
         k = torch.randint(0, first_steps or self.num_steps, (x0.shape[0],), generator=generator)
         a = self.alpha_bar[k][:, None].to(x0.device, x0.dtype)
         z = torch.randn(x0.shape, generator=generator).to(x0.device)
         k = k.to(x0.device)
-        return (net(a.sqrt() * x0 + (1 - a).sqrt() * z, k) - z).square().sum(-1).mean()
+        # only the ε half is matched: the variance channels (learn_variance) get no gradient,
+        # so a zero-initialised head stays at s = 0 and the prior keeps the fixed variance
+        eps = net(a.sqrt() * x0 + (1 - a).sqrt() * z, k, cond)[..., : self.dim]
+        return (eps - z).square().sum(-1).mean()
