@@ -47,7 +47,7 @@ class RolloutWorker:
         prior = task.prior()
         self.cfg, self.name, self.store, self.weights = cfg, name, store, weights
         self.context = RolloutContext(
-            Sampler(task, prior, make_posterior(prior, cfg.train.adapter)), cfg,
+            Sampler(task, prior, make_posterior(prior, cfg.train.adapter, task)), cfg,
             torch.Generator().manual_seed(seed), read_store=self._read_store, policy_version=-1)
         self.learner_step = 0
         self.node = ray.get_runtime_context().get_node_id()

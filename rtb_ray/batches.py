@@ -46,7 +46,7 @@ def store_settings(cfg: RunConfig) -> dict[str, Any]:
                 seed=cfg.seeds.store, samples_per_insert=replay.samples_per_insert,
                 error_buffer=replay.error_buffer or max(replay.min_size_to_sample,
                                                         2 * cfg.train.batch_size),
-                min_size_to_sample=replay.min_size_to_sample)
+                min_size_to_sample=replay.min_size_to_sample, group_size=cfg.train.group_size)
 
 
 class InlineBatches:

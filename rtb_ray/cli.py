@@ -125,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="export posterior samples of a run",
                        description="Sample the run's latest posterior and save x and "
-                                   "logw = β log r + Σ log p_prior − Σ log p_φ to an .npz file.")
+                                   "logw = β log r + Σ log p_prior − Σ log p_φ to an .npz file "
+                                   "(and cond, each sample's condition, for a conditional task: "
+                                   "drawn as training draws them).")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--n", type=int, default=10_000, help="number of samples (default 10000)")
     p.add_argument("--out", type=Path, required=True, help="output file (.npz is added when missing)")
@@ -375,7 +377,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     cfg = load_config(cfg_path)
     task = make_task(cfg.task)
     prior = task.prior()
-    posterior = make_posterior(prior, cfg.train.adapter)
+    posterior = make_posterior(prior, cfg.train.adapter, task)
     ckpt = load_run_checkpoint(args.run_dir / "checkpoint.pt", task.name, posterior)
     posterior.load_state_dict(ckpt["learner"]["posterior"])
     batch = Sampler(task, prior, posterior).rollout(
@@ -383,7 +385,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     logw = cfg.train.objective.beta * batch.log_reward + batch.log_prior - batch.log_behaviour
     out = args.out if args.out.suffix == ".npz" else args.out.with_name(args.out.name + ".npz")
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, x=batch.terminal.numpy(), logw=logw.numpy(), log_reward=batch.log_reward.numpy())
+    cond = {} if batch.cond is None else {"cond": batch.cond.numpy()}  # each row's condition
+    np.savez(out, x=batch.terminal.numpy(), logw=logw.numpy(), log_reward=batch.log_reward.numpy(),
+             **cond)
     print(f"wrote {args.n} samples to {out} (step {ckpt['learner']['step']}, "
           f"mean logw {logw.mean().item():.4f})")
     return 0

@@ -86,11 +86,31 @@ class MassCoveringConfig(Strict):
 
 class AdapterConfig(Strict):
     """What of the posterior network is trained: all of it (``full``) or low-rank adapters on
-    every linear layer of a frozen copy of the prior (``lora``)."""
+    the linear layers of a frozen copy of the prior (``lora``)."""
 
     kind: Literal["full", "lora"] = "full"
     rank: int = Field(8, ge=1)
     alpha: float = Field(8.0, gt=0, description="the adapters' output is scaled by alpha/rank")
+    target_modules: list[str] | None = Field(
+        None, min_length=1, description="module paths, dotted suffixes (to_out.0) or globs "
+                                        "(*.attn.c_*) to adapt (None: every linear layer)")
+
+
+class LogZConfig(Strict):
+    """log Z, or log Z(y) for a conditional task: one number (``scalar``), one per condition id
+    (``table``: ``cond`` holds ids 0..num_conditions-1), or an MLP of the condition (``mlp``).
+    Its learning rate is ``train.lr_log_z``."""
+
+    kind: Literal["scalar", "table", "mlp"] = "scalar"
+    num_conditions: int | None = Field(None, ge=1, description="table: how many condition ids")
+    hidden: int = Field(64, ge=1, description="mlp: width")
+    depth: int = Field(2, ge=1, description="mlp: hidden layers")
+
+    @model_validator(mode="after")
+    def _table_size(self) -> "LogZConfig":
+        if self.kind == "table" and self.num_conditions is None:
+            raise ValueError("num_conditions: a table log Z needs the number of condition ids")
+        return self
 
 
 class TrainConfig(Strict):
@@ -116,6 +136,10 @@ class TrainConfig(Strict):
                              "importance weight toward the target"
     )
     objective: ObjectiveConfig = ObjectiveConfig()
+    log_z: LogZConfig = LogZConfig()
+    group_size: int = Field(
+        1, ge=1, description="rollouts draw n/k conditions and repeat each k times; VarGrad and "
+                             "KL-RL centre within these groups (1: over the whole batch)")
     mass_covering: MassCoveringConfig = MassCoveringConfig()
     log_every_steps: int = Field(
         50, ge=1, description="average the step stats over this many steps into one train row"
@@ -297,6 +321,17 @@ class RunConfig(Strict):
                              "name: my_tasks.ring or name: ./ring.py)")
         name = resolve_task_name(v["name"])  # a task file by its absolute path, for every node
         return task_config_model(name).model_validate({**v, "name": name})
+
+    @model_validator(mode="after")
+    def _whole_groups(self) -> "RunConfig":
+        k = self.train.group_size
+        for key, value in (("train.batch_size", self.train.batch_size),
+                           ("runtime.rollout_batch_size", self.runtime.rollout_batch_size),
+                           ("replay.capacity", self.replay.capacity)):
+            if value % k:
+                raise ValueError(f"{key} ({value}) must be a multiple of train.group_size ({k}): "
+                                 f"batches are made of whole groups")
+        return self
 
     def digest(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]

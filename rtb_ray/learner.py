@@ -8,7 +8,8 @@ import math
 import torch
 from torch import nn
 
-from rtb_ray.config import AdapterConfig, TrainConfig
+from rtb_ray.config import AdapterConfig, ConfigError, TrainConfig
+from rtb_ray.log_z import make_log_z
 from rtb_ray.networks import add_lora
 from rtb_ray.objectives import rtb_backward
 from rtb_ray.pretrain import pretrain_prior
@@ -16,39 +17,62 @@ from rtb_ray.trajectory import TrajectoryBatch
 from rtb_ray.transitions import TransitionFamily
 
 
-def make_posterior(prior: nn.Module, adapter: AdapterConfig) -> nn.Module:
-    """The posterior network: a trainable copy of the prior, or the frozen prior with LoRA
-    adapters. Starts equal to the prior either way. Workers and ``rtb-ray sample`` build it
-    with this function too, so every state dict fits every copy."""
+def make_posterior(prior: nn.Module, adapter: AdapterConfig, task: object = None) -> nn.Module:
+    """The posterior network: the task's own (``posterior_network(prior, adapter)``, e.g. the
+    frozen prior plus a zero-initialised correction that reads inputs the prior must not), else
+    a trainable copy of the prior, or the frozen prior with LoRA adapters on
+    ``adapter.target_modules``. Starts equal to the prior either way. Learner, workers, driver
+    checks and ``rtb-ray sample`` all build it with this function, so every state dict fits
+    every copy."""
+    custom = getattr(task, "posterior_network", None)
+    if custom is not None:
+        return custom(prior, adapter)
     posterior = copy.deepcopy(prior).requires_grad_(True)
     if adapter.kind == "lora":
-        add_lora(posterior, adapter.rank, adapter.alpha)
+        try:
+            add_lora(posterior, adapter.rank, adapter.alpha, adapter.target_modules)
+        except ValueError as err:  # names the module path: a config problem, said in one line
+            raise ConfigError(str(err)) from None
     return posterior
 
 
 class Learner:
     """Owns the trainable state. The posterior starts as a copy of the (frozen) prior; log Z
-    has its own, larger learning rate. ``version`` counts optimiser steps and is what rollouts
-    record as ``policy_version``. ``target_terminals`` (set by the trainer when
-    ``train.mass_covering`` is on) are the samples of the mass-covering term."""
+    (``train.log_z``: a number, or a function of the condition) has its own, larger learning
+    rate. ``version`` counts optimiser steps and is what rollouts record as ``policy_version``.
+    ``eval_conditions`` (a conditional task's fixed set) size log Z(y) and are what its logged
+    mean is taken over. ``target_terminals`` (set by the trainer when ``train.mass_covering``
+    is on) are the samples of the mass-covering term."""
 
     def __init__(self, family: TransitionFamily, prior: nn.Module, cfg: TrainConfig,
-                 device: torch.device | str = "cpu", seed: int = 0) -> None:
+                 device: torch.device | str = "cpu", seed: int = 0,
+                 eval_conditions: torch.Tensor | None = None, task: object = None) -> None:
         self.family = family
         self.cfg = cfg
         self.device = torch.device(device)
         self.prior = prior.to(self.device).requires_grad_(False).eval()
-        self.posterior = make_posterior(self.prior, cfg.adapter).to(self.device).train()
-        self.log_z = torch.zeros((), device=self.device, requires_grad=True)
+        self.posterior = make_posterior(self.prior, cfg.adapter, task).to(self.device).train()
+        self.log_z = make_log_z(cfg.log_z, eval_conditions).to(self.device)
+        self.eval_conditions = None if eval_conditions is None else eval_conditions.to(self.device)
         self.trainable = [p for p in self.posterior.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(
             [{"params": self.trainable, "lr": cfg.lr},
-             {"params": [self.log_z], "lr": cfg.lr_log_z}],
+             {"params": list(self.log_z.parameters()), "lr": cfg.lr_log_z}],
             fused=self.device.type == "cuda")  # one kernel for all parameters, not dozens
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.generator = torch.Generator().manual_seed(seed)
         self.step_count = 0
         self.target_terminals: torch.Tensor | None = None
+
+    def log_z_of(self, cond: torch.Tensor | None, n: int = 1) -> torch.Tensor:
+        """log Z_φ for ``n`` rows of condition ``cond`` (None: an unconditional task), no grad."""
+        with torch.no_grad():
+            return self.log_z(None if cond is None else cond.to(self.device), n)
+
+    def mean_log_z(self) -> torch.Tensor:
+        """log Z_φ, or its mean over the evaluation conditions (what a train row logs)."""
+        cond = self.eval_conditions
+        return self.log_z_of(cond, 1 if cond is None else cond.shape[0]).mean()
 
     def _target_batch(self, n: int, generator: torch.Generator) -> torch.Tensor:
         assert self.target_terminals is not None
@@ -76,7 +100,7 @@ class Learner:
         batch = batch.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         stats = rtb_backward(self.family, self.posterior, self.log_z, batch, self.cfg.objective,
-                             self.generator)
+                             self.generator, group_size=self.cfg.group_size)
         mass_covering = self.cfg.mass_covering
         if mass_covering.weight > 0 and self.target_terminals is not None:
             x = self._target_batch(mass_covering.batch_size, self.generator)
@@ -89,20 +113,27 @@ class Learner:
         self.optimizer.step()
         self.scheduler.step()
         self.step_count += 1
-        stats["log_z"] = self.log_z.detach()
+        stats["log_z"] = self.mean_log_z()
         # one sync per step: on a GPU each .item() would stall the queue of kernels
         values = torch.stack([v.float() for v in stats.values()]).tolist()
         return {**dict(zip(stats, values)), "lr": self.optimizer.param_groups[0]["lr"]}
 
     def state_dict(self) -> dict:
-        return {"posterior": self.posterior.state_dict(), "log_z": self.log_z.detach().cpu(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "generator": self.generator.get_state(), "step": self.step_count}
+        return {"posterior": self.posterior.state_dict(), "log_z": self.log_z.state_dict(),
+                "log_z_kind": self.cfg.log_z.kind, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
+                "step": self.step_count}
 
     def load_state_dict(self, state: dict) -> None:
+        log_z = state["log_z"]
+        if isinstance(log_z, torch.Tensor):  # a checkpoint from before train.log_z: one number
+            log_z = {"value": log_z}
+        kind = state.get("log_z_kind", "scalar")
+        if kind != self.cfg.log_z.kind:
+            raise ValueError(f"the checkpoint's log Z is a {kind}; train.log_z.kind is "
+                             f"{self.cfg.log_z.kind} (resume with the kind it was trained with)")
         self.posterior.load_state_dict(state["posterior"])
-        with torch.no_grad():
-            self.log_z.copy_(state["log_z"])
+        self.log_z.load_state_dict(log_z)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])

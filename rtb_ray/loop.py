@@ -25,11 +25,13 @@ from rtb_ray.batches import BatchSource
 from rtb_ray.config import ConfigError, ObjectiveConfig, RunConfig
 from rtb_ray.evaluation import Evaluator, format_eval
 from rtb_ray.learner import Learner
+from rtb_ray.log_z import make_log_z
 from rtb_ray.metrics import importance_metrics, sir_indices
+from rtb_ray.networks import LoRALinear
 from rtb_ray.objectives import scaled_log_reward
 from rtb_ray.replay import ReplayDiskError
 from rtb_ray.run_dir import RunDir, write_json
-from rtb_ray.tasks import Task, make_task
+from rtb_ray.tasks import Task, conditional, make_task
 
 
 @dataclass
@@ -55,14 +57,34 @@ def resolve_device(name: str) -> torch.device:
 def check_config_for_task(cfg: RunConfig, task: Task) -> None:
     """What the config's own validation cannot see: settings that depend on the task. Called
     before anything is written or started (ConfigError naming the key)."""
+    check_conditions(cfg, task)
     mc = cfg.train.mass_covering
     if mc.enabled:
-        if task.conditions(1) is not None:
+        if conditional(task):
             raise ConfigError("train.mass_covering: needs an unconditional task (its target "
                               "samples are drawn once, not per condition)")
         if mc.first_steps is not None and mc.first_steps > task.family.num_steps:
             raise ConfigError(f"train.mass_covering.first_steps: {mc.first_steps} is more than "
                               f"the task's {task.family.num_steps} steps")
+
+
+def check_conditions(cfg: RunConfig, task: Task) -> None:
+    """A conditional task's conditions fit its evaluation set and ``train.log_z``; its VarGrad
+    and KL-RL batches have groups to centre within."""
+    train = cfg.train
+    if not conditional(task):
+        make_log_z(train.log_z, None)  # ConfigError unless scalar
+        return
+    drawn, fixed = task.conditions(2, torch.Generator().manual_seed(0)), task.eval_conditions()
+    if drawn.dtype != fixed.dtype or drawn.shape[1:] != fixed.shape[1:]:
+        raise ConfigError(f"task {task.name!r}: conditions() gives {drawn.dtype} rows of shape "
+                          f"{tuple(drawn.shape[1:])}, eval_conditions() {fixed.dtype} rows of "
+                          f"shape {tuple(fixed.shape[1:])}")
+    make_log_z(train.log_z, fixed)  # a table: every evaluation id within num_conditions
+    if train.objective.kind != "rtb" and train.group_size == 1:
+        raise ConfigError(f"train.group_size: {train.objective.kind} on a conditional task "
+                          f"centres within groups of one condition; 1 leaves nothing to centre "
+                          f"(e.g. 16)")
 
 
 def prepare(cfg: RunConfig, output: Path, *, resume: bool, device: str | None = None,
@@ -75,7 +97,8 @@ def prepare(cfg: RunConfig, output: Path, *, resume: bool, device: str | None = 
     check_config_for_task(cfg, task)
     run_dir = RunDir(output, cfg, task.name, resume)
     learner = Learner(task.family, task.prior(), cfg.train, resolve_device(device or cfg.device),
-                      cfg.seeds.learner)
+                      cfg.seeds.learner, task.eval_conditions() if conditional(task) else None,
+                      task)
     ckpt = run_dir.load_checkpoint(learner.posterior)
     if ckpt is not None:
         learner.load_state_dict(ckpt["learner"])
@@ -162,6 +185,11 @@ def train(run: Run, batches: BatchSource, *, progress: bool = True,
     """Run to ``train.steps`` (``stop`` set, or Ctrl-C: checkpoint, then KeyboardInterrupt).
     The MLflow run ends FINISHED, KILLED or FAILED."""
     status = "FAILED"
+    if run.run_dir.tracker is not None:  # what is trained, for the MLflow run's tags
+        posterior = run.learner.posterior
+        run.run_dir.tracker.set_tags({
+            "trainable_parameters": sum(p.numel() for p in run.learner.trainable),
+            "adapted_layers": sum(isinstance(m, LoRALinear) for m in posterior.modules())})
     try:
         final = _loop(run, batches, progress, stop or threading.Event())
         run.run_dir.finish(final, run.learner.posterior, run.evaluator.input_example())

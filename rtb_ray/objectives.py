@@ -28,35 +28,51 @@ def scaled_log_reward(log_reward: Tensor, cfg: ObjectiveConfig) -> Tensor:
     return cfg.beta * log_reward
 
 
+def centred(v: Tensor, group_size: int) -> Tensor:
+    """``v`` minus its mean over each group of ``group_size`` consecutive rows (1: the batch)."""
+    if group_size == 1:
+        return v - v.mean()
+    groups = v.view(-1, group_size)
+    return (groups - groups.mean(1, keepdim=True)).view(-1)
+
+
 def trajectory_loss(
-    log_post: Tensor, log_prior: Tensor, beta_log_reward: Tensor, log_z: Tensor, cfg: ObjectiveConfig
+    log_post: Tensor, log_prior: Tensor, beta_log_reward: Tensor, log_z: Tensor, cfg: ObjectiveConfig,
+    group_size: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """The scalar loss and the per-trajectory RTB residual δ (detached, for logging)."""
+    """The scalar loss and the per-trajectory RTB residual δ (detached, for logging).
+    ``log_z [B]``: log Z_φ of each row's condition. VarGrad and KL-RL centre within groups of
+    ``group_size`` rows that share a condition (a batch is made of whole groups)."""
     d = log_post - log_prior - beta_log_reward
     delta = (log_z + d).detach()
     if cfg.kind == "rtb":
         per_traj = (log_z + d).square()
         fit_log_z = 0.0
     else:
+        if d.shape[0] % group_size:
+            raise ValueError(f"a batch of {d.shape[0]} rows is not whole groups of "
+                             f"train.group_size={group_size}")
         # log Z does not enter these losses: fit it to the batch estimate −mean d on its own
         # learning rate so that it stays an estimate of the normaliser.
         fit_log_z = (log_z + d.detach()).square().mean()
         if cfg.kind == "vargrad":
-            per_traj = (d - d.mean()).square()
-        else:  # kl_rl: REINFORCE with a batch-mean baseline on β log r − log(p_φ/p_prior)
-            advantage = -d.detach()
-            per_traj = -(advantage - advantage.mean()) * log_post
+            per_traj = centred(d, group_size).square()
+        else:  # kl_rl: REINFORCE with a group-mean baseline on β log r − log(p_φ/p_prior)
+            per_traj = -centred(-d.detach(), group_size) * log_post
     if cfg.loss_clip is not None:
         per_traj = torch.relu(per_traj - cfg.loss_clip)
     return per_traj.mean() + fit_log_z, delta
 
 
-def rtb_backward(family: TransitionFamily, posterior: nn.Module, log_z: Tensor,
+def rtb_backward(family: TransitionFamily, posterior: nn.Module, log_z: nn.Module,
                  batch: TrajectoryBatch, cfg: ObjectiveConfig,
-                 generator: torch.Generator | None = None) -> dict[str, Tensor]:
+                 generator: torch.Generator | None = None, group_size: int = 1
+                 ) -> dict[str, Tensor]:
     """Compute the loss of ``batch`` and accumulate its gradients into ``posterior`` and
-    ``log_z`` (``.grad``). Σ log p_φ is recomputed for all B×T transitions in batched passes."""
+    ``log_z`` (``.grad``; rtb_ray/log_z.py). Σ log p_φ is recomputed for all B×T transitions
+    in batched passes."""
     states, cond = batch.states, batch.cond
+    log_z = log_z(cond, len(batch))
     beta_log_reward = scaled_log_reward(batch.log_reward, cfg)
     num_steps, k = batch.num_steps, cfg.subsample_steps
     steps, scale = None, 1.0
@@ -74,13 +90,15 @@ def rtb_backward(family: TransitionFamily, posterior: nn.Module, log_z: Tensor,
                 log_rest = family.step_log_probs(posterior, states, cond=cond,
                                                  steps=rest.nonzero().squeeze(1)).sum(1)
             log_post = scale * log_post - (scale - 1) * log_post.detach() + log_rest
-        loss, delta = trajectory_loss(log_post, batch.log_prior, beta_log_reward, log_z, cfg)
+        loss, delta = trajectory_loss(log_post, batch.log_prior, beta_log_reward, log_z, cfg,
+                                      group_size)
         loss.backward()
     else:
         # δ without a graph, then ∂L/∂S_b · ∇ Σ_{t ∈ chunk} log p_φ, chunk by chunk.
         with torch.no_grad():
             log_post = family.step_log_probs(posterior, states, cond=cond).sum(1).requires_grad_()
-        loss, delta = trajectory_loss(log_post, batch.log_prior, beta_log_reward, log_z, cfg)
+        loss, delta = trajectory_loss(log_post, batch.log_prior, beta_log_reward, log_z, cfg,
+                                      group_size)
         loss.backward()
         coef = log_post.grad * scale  # type: ignore[operator]
         chosen = steps if steps is not None else torch.arange(num_steps, device=states.device)

@@ -39,30 +39,44 @@ def posterior_rollouts(ctx: RolloutContext, n: int) -> TrajectoryBatch:
 
     progress = max(ctx.policy_version, 0) / ctx.cfg.train.steps
     return ctx.sampler.rollout(Source.POSTERIOR, n, explore=ctx.cfg.train.explore.at(progress),
-                               policy_version=ctx.policy_version, generator=ctx.generator)
+                               policy_version=ctx.policy_version, generator=ctx.generator,
+                               group_size=ctx.cfg.train.group_size)
 
 
 def prior_rollouts(ctx: RolloutContext, n: int) -> TrajectoryBatch:
     """The frozen prior: it covers every mode the prior has."""
     from rtb_ray.trajectory import Source
 
-    return ctx.sampler.rollout(Source.PRIOR, n, generator=ctx.generator)
+    return ctx.sampler.rollout(Source.PRIOR, n, generator=ctx.generator,
+                               group_size=ctx.cfg.train.group_size)
 
 
 def backward_rollouts(ctx: RolloutContext, n: int) -> TrajectoryBatch:
     """Known terminal states noised back to x_0: ``train.backward_candidates`` × n recent forward
     rows of the store (``train.backward_half_life``), resampled by their importance weights
     toward the target. Prior rows then reach every mode the prior covers, and posterior rows
-    are corrected for the posterior's biases rather than amplified."""
+    are corrected for the posterior's biases rather than amplified. With groups
+    (``train.group_size`` k > 1) each backward group resamples the k rows of one stored forward
+    group, within its condition: across conditions the draw would favour those of large Z(y)."""
+    import torch
+
     from rtb_ray.metrics import sir_indices, target_log_weights
     from rtb_ray.replay import Mixture, Recency
     from rtb_ray.trajectory import Source
 
     train = ctx.cfg.train
+    k = train.group_size
+    # a store of groups draws whole groups: its half-life counts groups, the setting rows
     forward = Mixture({role.pool: 1.0 for role in ROLES.values() if role.forward},
-                      inner=Recency(train.backward_half_life))
-    known = ctx.read_store(n * train.backward_candidates, forward)
-    pick = sir_indices(target_log_weights(known, train.objective.beta), n, ctx.generator)
+                      inner=Recency(train.backward_half_life / k))
+    known = ctx.read_store(n * train.backward_candidates if k == 1 else n, forward)
+    log_weights = target_log_weights(known, train.objective.beta)
+    if k == 1:
+        pick = sir_indices(log_weights, n, ctx.generator)
+    else:  # k draws within each stored group of k rows
+        probs = torch.softmax(log_weights.detach().double().cpu().view(-1, k), 1)
+        within = torch.multinomial(probs, k, replacement=True, generator=ctx.generator)
+        pick = (within + k * torch.arange(probs.shape[0])[:, None]).view(-1)
     return ctx.sampler.rollout(Source.BACKWARD, n, terminal=known.terminal[pick],
                                cond=None if known.cond is None else known.cond[pick],
                                generator=ctx.generator)
@@ -99,6 +113,7 @@ def training_mixture(cfg: RunConfig) -> Mixture:
     from rtb_ray.replay import Mixture, Recency, Uniform
 
     half_life = cfg.replay.recency_half_life
-    inner = Uniform() if half_life is None else Recency(half_life)
+    # a store of groups draws whole groups: its half-life counts groups, the setting rows
+    inner = Uniform() if half_life is None else Recency(half_life / cfg.train.group_size)
     return Mixture({ROLES[name].pool: share for name, share in cfg.train.sources.items()
                     if share > 0}, inner)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from rtb_ray.metrics import sum_log_probs
-from rtb_ray.tasks import Task
+from rtb_ray.tasks import Task, conditional
 from rtb_ray.trajectory import Source, TrajectoryBatch
 
 
@@ -31,10 +31,17 @@ class Sampler:
         terminal: Tensor | None = None,
         cond: Tensor | None = None,
         generator: torch.Generator | None = None,
+        group_size: int = 1,
     ) -> TrajectoryBatch:
-        """``terminal`` (and its ``cond``) are the known x_T that backward rollouts start from."""
-        if cond is None and terminal is None:
-            cond = self.task.conditions(n)
+        """``terminal`` (and its ``cond``) are the known x_T that backward rollouts start from.
+        A conditional task's forward rollouts draw ``n / group_size`` conditions, each repeated
+        ``group_size`` times in consecutive rows (a group), unless ``cond`` is given."""
+        if cond is None and terminal is None and conditional(self.task):
+            if n % group_size:
+                raise ValueError(f"{n} rollouts are not whole groups of {group_size}")
+            drawn = self.task.conditions(n // group_size, generator or torch.default_generator)
+            device = next(self.posterior.parameters()).device
+            cond = drawn.repeat_interleave(group_size, dim=0).to(device)
         if source in (Source.POSTERIOR, Source.EXPLORE):
             source = Source.EXPLORE if explore > 0 else Source.POSTERIOR
             states, log_behaviour = self.family.sample(

@@ -3,7 +3,10 @@
 A task is a module exporting ``Config`` (a pydantic model with a ``name`` field) and
 ``make_task(config) -> Task``. ``task.name`` is a built-in task (``gmm25``: ``pipelines.gmm25``),
 a dotted module (``my_tasks.ring``) or a ``.py`` file (made absolute when the config is loaded).
-Code outside a task uses only ``Task`` and ``TransitionFamily`` (docs/examples/ring_task.py)."""
+Code outside a task uses only ``Task`` and ``TransitionFamily`` (docs/examples/ring_task.py).
+Optional members: ``eval_conditions`` and the rest of ``ConditionalTask`` (a posterior per
+condition); ``posterior_network(prior, adapter) -> nn.Module``, the task's own posterior network
+(rtb_ray/learner.py ``make_posterior``), which must start equal to the prior."""
 
 from __future__ import annotations
 
@@ -13,10 +16,12 @@ import importlib.util
 import re
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
+import torch
 from pydantic import BaseModel
 from torch import Tensor, nn
 
@@ -56,10 +61,6 @@ class Task(Protocol):
         """``log r(x)`` of terminal states ``[n, *event]`` -> ``[n]`` (no temperature)."""
         ...
 
-    def conditions(self, n: int) -> Tensor | None:
-        """Conditioning for n rollouts, or None for an unconditional task."""
-        ...
-
     def evaluate(self, x: Tensor) -> dict[str, float]:
         """Task-specific metrics of posterior terminal samples (mode weights, distances...)."""
         ...
@@ -72,6 +73,53 @@ class Task(Protocol):
     def plot(self, x: Tensor, path: Path, title: str = "") -> None:
         """Save a picture of terminal samples (a scatter, an image grid...) as PNG."""
         ...
+
+
+@runtime_checkable
+class ConditionalTask(Task, Protocol):
+    """A task whose posterior is p(x | y) ∝ p_prior(x | y)·r(x, y): every rollout, reward,
+    metric and log Z(y) is per condition. The prior network takes ``cond``. Where ``Task``'s
+    methods take an optional ``cond``, a conditional task's are always called with it."""
+
+    def conditions(self, n: int, generator: torch.Generator) -> Tensor:
+        """``n`` conditions for rollouts ``[n, *cond]`` (ids: int64; features: float32), drawn
+        from the task's distribution over conditions with ``generator``."""
+        ...
+
+    def eval_conditions(self) -> Tensor:
+        """The fixed conditions evaluation reports on ``[m, *cond]`` (same dtype and shape per
+        row as ``conditions``); also what a logged mean log Z(y) averages over."""
+        ...
+
+    def reference_log_z(self, beta: float = 1.0, cond: Tensor | None = None) -> Tensor | None:
+        """log Z(y) per row of ``cond`` ``[m]``, when the task knows it."""
+        ...
+
+    def evaluate(self, x: Tensor, cond: Tensor | None = None,
+                 ctx: "EvalContext | None" = None) -> dict[str, float]:
+        """Metrics of posterior samples ``x`` of conditions ``cond`` (rows of
+        ``eval_conditions()``, each repeated); ``ctx`` can sample the posterior for other
+        conditions."""
+        ...
+
+    def plot(self, x: Tensor, path: Path, title: str = "", cond: Tensor | None = None) -> None:
+        ...
+
+
+@dataclass
+class EvalContext:
+    """What a conditional task's ``evaluate`` may use beyond the samples it is given: the
+    networks, and ``sample(cond)`` of posterior terminal states for any conditions."""
+
+    prior: nn.Module
+    posterior: nn.Module
+    sample: Callable[[Tensor], Tensor]
+    generator: torch.Generator
+
+
+def conditional(task: object) -> bool:
+    """Whether the task is conditional (``ConditionalTask``): it has ``eval_conditions``."""
+    return callable(getattr(task, "eval_conditions", None))
 
 
 def _members(protocol: type) -> list[str]:
