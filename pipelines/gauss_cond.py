@@ -132,6 +132,13 @@ class GaussCondTask:
         return log_n + 0.5 * d * math.log(2 * math.pi * s2 / beta) \
             - 0.5 * d * beta * math.log(2 * math.pi * s2)
 
+    def known_terminals(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Exact posterior samples of uniformly drawn conditions: supervised (y, x) pairs, the
+        data of the ``dataset`` source."""
+        ids = torch.randint(0, self.y.shape[0], (n,), generator=generator)
+        mean, std = self.exact_posterior(self._cond_of(ids))
+        return mean + std * torch.randn(mean.shape, generator=generator), self._cond_of(ids)
+
     def evaluate(self, x: Tensor, cond: Tensor | None = None,
                  ctx: EvalContext | None = None) -> dict[str, float]:
         """Per condition: |mean − exact mean| / σ (the norm over D) and |std / exact std − 1|

@@ -125,7 +125,7 @@ class TrainConfig(Strict):
     adapter: AdapterConfig = AdapterConfig()
     sources: dict[str, float] = Field(
         default_factory=lambda: {"posterior": 1.0},
-        description="share of each batch per source: posterior, prior, backward",
+        description="share of each batch per source: posterior, prior, backward, dataset",
     )
     backward_half_life: int = Field(
         4096, ge=1, description="backward rollouts start from recent forward terminals of the "

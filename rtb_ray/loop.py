@@ -58,6 +58,10 @@ def check_config_for_task(cfg: RunConfig, task: Task) -> None:
     """What the config's own validation cannot see: settings that depend on the task. Called
     before anything is written or started (ConfigError naming the key)."""
     check_conditions(cfg, task)
+    if cfg.train.sources.get("dataset", 0) > 0 and not callable(
+            getattr(task, "known_terminals", None)):
+        raise ConfigError(f"train.sources.dataset: task {task.name!r} has no known_terminals(n, "
+                          f"generator), the data that source noises back")
     mc = cfg.train.mass_covering
     if mc.enabled:
         if conditional(task):

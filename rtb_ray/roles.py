@@ -82,6 +82,19 @@ def backward_rollouts(ctx: RolloutContext, n: int) -> TrajectoryBatch:
                                generator=ctx.generator)
 
 
+def dataset_rollouts(ctx: RolloutContext, n: int) -> TrajectoryBatch:
+    """The task's own data (``known_terminals``: offline RL's transitions, supervised pairs)
+    noised back to x_0: trajectories that end where the data is, with the data's conditions.
+    With groups each drawn datum is noised back k times (k independent paths, one condition)."""
+    from rtb_ray.trajectory import Source
+
+    k = ctx.cfg.train.group_size
+    x, cond = ctx.sampler.task.known_terminals(n // k, ctx.generator)
+    return ctx.sampler.rollout(
+        Source.DATASET, n, terminal=x.repeat_interleave(k, dim=0),
+        cond=None if cond is None else cond.repeat_interleave(k, dim=0), generator=ctx.generator)
+
+
 @dataclass(frozen=True)
 class Role:
     name: str  # the key in train.sources and runtime.workers
@@ -95,6 +108,7 @@ ROLES: dict[str, Role] = {role.name: role for role in (
     Role("posterior", "posterior|explore", posterior_rollouts, follows_learner=True, forward=True),
     Role("prior", "prior", prior_rollouts, follows_learner=False, forward=True),
     Role("backward", "backward", backward_rollouts, follows_learner=False, forward=False),
+    Role("dataset", "dataset", dataset_rollouts, follows_learner=False, forward=False),
 )}
 ROLE_NAMES = tuple(ROLES)
 

@@ -53,7 +53,7 @@ class Sampler:
             states, log_prior = self.family.sample(self.prior, n, cond=cond, generator=generator)
             log_behaviour = log_prior
             policy_version = -1
-        elif source in (Source.BACKWARD, Source.LOCAL_SEARCH):
+        elif source in (Source.BACKWARD, Source.LOCAL_SEARCH, Source.DATASET):
             if terminal is None:
                 raise ValueError("backward rollouts need terminal states")
             device = next(self.posterior.parameters()).device

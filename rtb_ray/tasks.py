@@ -6,7 +6,9 @@ a dotted module (``my_tasks.ring``) or a ``.py`` file (made absolute when the co
 Code outside a task uses only ``Task`` and ``TransitionFamily`` (docs/examples/ring_task.py).
 Optional members: ``eval_conditions`` and the rest of ``ConditionalTask`` (a posterior per
 condition); ``posterior_network(prior, adapter) -> nn.Module``, the task's own posterior network
-(rtb_ray/learner.py ``make_posterior``), which must start equal to the prior."""
+(rtb_ray/learner.py ``make_posterior``), which must start equal to the prior;
+``known_terminals(n, generator) -> (x [n, *event], cond [n, *cond] or None)``, samples of data
+the posterior should cover, for the ``dataset`` source."""
 
 from __future__ import annotations
 

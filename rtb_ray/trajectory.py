@@ -29,6 +29,7 @@ class Source(IntEnum):
     BACKWARD = 3  # a known x_T noised back to x_0 by the fixed noising process
     # no sampler makes LOCAL_SEARCH yet; it stays because every stored source dictionary lists it
     LOCAL_SEARCH = 4  # x_T improved by local search, then noised back
+    DATASET = 5  # a known terminal state of the task's data, noised back (codes only grow)
 
     @classmethod
     def parse(cls, name: str) -> "Source":

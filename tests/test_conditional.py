@@ -3,6 +3,7 @@ rollouts, the checks a conditional config gets, and end-to-end runs on both runt
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -15,7 +16,8 @@ from pipelines.gauss_cond import Config, GaussCondTask
 from rtb_ray.config import ConfigError, load_config
 from rtb_ray.loop import check_config_for_task
 from rtb_ray.replay import ReplayStore
-from rtb_ray.roles import RolloutContext, backward_rollouts
+from rtb_ray.learner import Learner
+from rtb_ray.roles import ROLES, RolloutContext, backward_rollouts
 from rtb_ray.rollout import Sampler
 from rtb_ray.tasks import make_task
 from rtb_ray.trajectory import Source
@@ -63,6 +65,12 @@ def test_groups_go_from_rollouts_through_the_store_into_backward_rollouts():
     batch = store.sample(32)
     for group in batch.cond.view(-1, 4):
         assert torch.all(group == group[0])  # a training batch holds whole groups
+    # a batch without cond (or with another kind of cond) is rejected whole, naming it
+    plain = dataclasses.replace(batch, cond=None)
+    assert "missing field 'cond'" in store.insert(plain).reason
+    other = dataclasses.replace(batch, cond=batch.cond.float())
+    assert "field 'cond': expected int64" in store.insert(other).reason
+    assert store.size == 128
     ctx = RolloutContext(sampler, cfg, gen, read_store=lambda n, rows: store.sample(
         n, sampler=rows, timeout=0, rate_limited=False))
     backward = backward_rollouts(ctx, 16)
@@ -91,6 +99,71 @@ def test_a_conditional_config_is_checked_before_anything_starts(config, override
     with pytest.raises(ConfigError, match="^" + re.escape(expected)):
         cfg = load_config(CONFIGS / config, [override])
         check_config_for_task(cfg, make_task(cfg.task))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny networks: more threads only fight the other processes for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_dataset_source_alone_trains_to_the_exact_conditional_posterior(one_thread):
+    """Supervised (y, x) pairs noised back (offline data, never sampled from a policy): RTB with
+    a table log Z recovers p(x | y) and log Z(y) for every y."""
+    cfg = load_config(CONFIGS / "gauss_cond.yaml", [
+        "train.sources={dataset: 1}", "train.group_size=4", "train.lr=0.003"])
+    task = make_task(cfg.task)
+    check_config_for_task(cfg, task)
+    learner = Learner(task.family, task.prior(), cfg.train, eval_conditions=task.eval_conditions(),
+                      task=task)
+    gen = torch.Generator().manual_seed(0)
+    ctx = RolloutContext(Sampler(task, learner.prior, learner.posterior), cfg, gen,
+                         read_store=lambda n, rows: None)
+    for _ in range(400):
+        batch = ROLES["dataset"].rollout(ctx, 256)
+        learner.step(batch)
+    assert torch.all(batch.source == Source.DATASET)
+    assert torch.equal(batch.terminal[0:4], batch.terminal[0:1].expand(4, 1))  # k paths, one datum
+    ids = task.eval_conditions()
+    log_z_error = learner.log_z_of(ids, 8).double().cpu() - task.reference_log_z(1.0, ids)
+    assert log_z_error.abs().max() < 0.05, log_z_error
+    cond = ids.repeat_interleave(4000)
+    x = Sampler(task, learner.prior, learner.posterior).rollout(
+        Source.POSTERIOR, cond.shape[0], cond=cond, generator=gen).terminal
+    metrics = task.evaluate(x, cond)
+    assert metrics["mean_error_max"] < 0.05 and metrics["std_rel_error_max"] < 0.05, metrics
+
+
+def test_a_task_without_data_is_refused_the_dataset_source():
+    cfg = load_config(CONFIGS / "gmm25.yaml", ["train.sources={posterior: 1, dataset: 1}"])
+    with pytest.raises(ConfigError, match="^train.sources.dataset: task 'gmm25' has no known"):
+        check_config_for_task(cfg, make_task(cfg.task))
+
+
+def test_the_task_posterior_network_is_what_every_role_trains_and_samples():
+    """A task's own posterior network: here the frozen prior plus a zero-initialised residual."""
+    class Residual(torch.nn.Module):
+        def __init__(self, prior):
+            super().__init__()
+            self.prior = prior.requires_grad_(False)
+            self.correction = torch.nn.Linear(1, 2)
+            torch.nn.init.zeros_(self.correction.weight)
+            torch.nn.init.zeros_(self.correction.bias)
+
+        def forward(self, x, t_index, cond=None):
+            return self.prior(x, t_index, cond) + self.correction(x)
+
+    task = GaussCondTask(Config(cond="ids"))
+    task.posterior_network = lambda prior, adapter: Residual(prior)
+    cfg = load_config(CONFIGS / "gauss_cond.yaml")
+    learner = Learner(task.family, task.prior(), cfg.train, eval_conditions=task.eval_conditions(),
+                      task=task)
+    assert isinstance(learner.posterior, Residual)
+    assert [n for n, p in learner.posterior.named_parameters() if p.requires_grad] == [
+        "correction.weight", "correction.bias"]
 
 
 SMALL = ["train.steps=40", "train.log_every_steps=10", "train.batch_size=64", "eval.every_steps=20", "eval.num_samples=400",
