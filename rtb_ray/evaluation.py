@@ -28,9 +28,10 @@ class Evaluator:
         self.sampler = Sampler(task, learner.prior, learner.posterior)
         self.conditions = task.eval_conditions() if conditional(task) else None
         pool = min(cfg.eval.num_samples, TARGET_POOL_MAX)
+        gen = torch.Generator().manual_seed(cfg.seeds.eval_targets)
         self.target_pool = self.sampler.rollout(
             Source.PRIOR, self._per_condition(pool) * self._num_conditions,
-            cond=self._repeated(pool), generator=torch.Generator().manual_seed(cfg.seeds.eval_targets))
+            cond=self._repeated(pool), generator=gen)
 
     @property
     def _num_conditions(self) -> int:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from rtb_ray.config import AdapterConfig, ConfigError, TrainConfig
-from rtb_ray.log_z import make_log_z
+from rtb_ray.log_z import check_log_z_kind, make_log_z
 from rtb_ray.networks import add_lora
 from rtb_ray.objectives import rtb_backward
 from rtb_ray.pretrain import pretrain_prior
@@ -128,10 +128,7 @@ class Learner:
         log_z = state["log_z"]
         if isinstance(log_z, torch.Tensor):  # a checkpoint from before train.log_z: one number
             log_z = {"value": log_z}
-        kind = state.get("log_z_kind", "scalar")
-        if kind != self.cfg.log_z.kind:
-            raise ValueError(f"the checkpoint's log Z is a {kind}; train.log_z.kind is "
-                             f"{self.cfg.log_z.kind} (resume with the kind it was trained with)")
+        check_log_z_kind(state, self.cfg.log_z.kind)
         self.posterior.load_state_dict(state["posterior"])
         self.log_z.load_state_dict(log_z)
         self.optimizer.load_state_dict(state["optimizer"])

@@ -82,3 +82,12 @@ def make_log_z(cfg: LogZConfig, example_cond: Tensor | None) -> nn.Module:
             raise ConfigError(str(err)) from None
         return module
     return MLPLogZ(example_cond[0].numel(), cfg.hidden, cfg.depth)
+
+
+def check_log_z_kind(learner_state: dict, kind: str) -> None:
+    """ValueError in one line unless a learner checkpoint holds a log Z of ``kind`` (one from
+    before ``train.log_z``, a bare tensor, is a scalar)."""
+    theirs = learner_state.get("log_z_kind", "scalar")
+    if theirs != kind:
+        raise ValueError(f"the checkpoint's log Z kind is {theirs}; train.log_z.kind is {kind} "
+                         f"(resume with the kind it was trained with)")

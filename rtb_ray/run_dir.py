@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from rtb_ray.config import RunConfig, config_to_dict
+from rtb_ray.log_z import check_log_z_kind
 from rtb_ray.pretrain import atomic_torch_save, read_checkpoint
 from rtb_ray.tracking import MlflowTracker, open_run_tracker
 
@@ -30,9 +31,11 @@ def write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_run_checkpoint(path: Path, task: str, network: torch.nn.Module | None = None) -> dict:
+def load_run_checkpoint(path: Path, task: str, network: torch.nn.Module | None = None,
+                        log_z_kind: str | None = None) -> dict:
     """A run checkpoint (``weights_only``), refused with a ValueError if it is not one, is of
-    another task, or (given the task's ``network``) holds a posterior of another shape."""
+    another task, or (given the task's ``network``) holds a posterior of another shape, or
+    (given ``log_z_kind``) another kind of log Z."""
     ckpt = read_checkpoint(path, "an rtb-ray run checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an rtb-ray run checkpoint")
@@ -45,6 +48,8 @@ def load_run_checkpoint(path: Path, task: str, network: torch.nn.Module | None =
             diff = sorted(set(mine.items()) ^ set(theirs.items()))[:2]
             raise ValueError(f"{path} holds a posterior of another shape than this config's "
                              f"network (e.g. {diff}); resume with the settings it was made with")
+    if log_z_kind is not None:
+        check_log_z_kind(ckpt["learner"], log_z_kind)
     return ckpt
 
 
@@ -115,7 +120,8 @@ class RunDir:
         """The checkpoint to resume from (checked against the task and network), or None."""
         if not self.resume:
             return None
-        ckpt = load_run_checkpoint(self.checkpoint_path, self.task_name, network)
+        ckpt = load_run_checkpoint(self.checkpoint_path, self.task_name, network,
+                                   self.cfg.train.log_z.kind)
         self.resumed_at = int(ckpt["learner"]["step"])
         clock = ckpt["clock"]
         self.clock = Clock(offset=clock["wall_s"], eval_s=clock["eval_s"],

@@ -137,6 +137,16 @@ def test_the_dataset_source_alone_trains_to_the_exact_conditional_posterior(one_
     assert metrics["mean_error_max"] < 0.05 and metrics["std_rel_error_max"] < 0.05, metrics
 
 
+def test_conditions_unlike_the_evaluation_conditions_are_refused_before_training():
+    cfg = load_config(CONFIGS / "gauss_cond.yaml")
+    task = make_task(cfg.task)
+    task.conditions = lambda n, generator: torch.zeros(n, 2)  # floats of another shape than ids
+    with pytest.raises(ConfigError, match=re.escape(
+            "task 'gauss_cond': conditions() gives torch.float32 rows of shape (2,), "
+            "eval_conditions() torch.int64 rows of shape ()")):
+        check_config_for_task(cfg, task)
+
+
 def test_a_task_without_data_is_refused_the_dataset_source():
     cfg = load_config(CONFIGS / "gmm25.yaml", ["train.sources={posterior: 1, dataset: 1}"])
     with pytest.raises(ConfigError, match="^train.sources.dataset: task 'gmm25' has no known"):
@@ -187,6 +197,17 @@ def test_a_conditional_run_reports_per_condition_metrics_and_samples_with_cond(
     train = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()
              if '"train"' in r]
     assert train and all(np.isfinite(r["log_z"]) for r in train)
+    # resumed with another kind of log Z: refused in one line, on either runtime, nothing changed
+    before = (run / "checkpoint.pt").read_bytes()
+    trained, other = ("mlp", "scalar") if config == "gauss_cond_mlp.yaml" else ("table", "mlp")
+    for flags in (["--in-process"], []):
+        refused = rtb_ray("train", str(CONFIGS / config), *flags, "--resume", str(run), *sets(SMALL),
+                          "--set", f"train.log_z.kind={other}", cache=tmp_path)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.strip() == (
+            f"rtb-ray: error: the checkpoint's log Z kind is {trained}; train.log_z.kind is "
+            f"{other} (resume with the kind it was trained with)")
+    assert (run / "checkpoint.pt").read_bytes() == before
     rtb_ray("sample", str(run), "--n", "50", "--out", str(tmp_path / "s.npz"), cache=tmp_path,
             check=True)
     samples = np.load(tmp_path / "s.npz")

@@ -196,5 +196,5 @@ def test_log_z_modules_and_checkpoints(reward_task):
     table_learner = Learner(reward_task.family, reward_task.prior(),
                             TrainConfig(log_z=LogZConfig(kind="table", num_conditions=3)),
                             eval_conditions=ids)
-    with pytest.raises(ValueError, match="the checkpoint's log Z is a scalar; train.log_z.kind"):
+    with pytest.raises(ValueError, match="the checkpoint's log Z kind is scalar; train.log_z.kind"):
         table_learner.load_state_dict(old)
