@@ -141,7 +141,7 @@ def test_kill_and_scale_workers_while_training(tmp_path, cache):
         s = wait_for("3 posterior workers sampling", lambda: (lambda s: s if len(
             [w for w in active(s, "posterior") if w["calls"] > 0]) == 3 else None)(
             status(run, cache)), proc)
-        assert s["targets"] == {"posterior": 3, "prior": 0, "backward": 1}
+        assert s["targets"] == {"posterior": 3, "prior": 0, "backward": 1, "dataset": 0}
         assert rtb_ray("scale", str(run), "--role", "posterior=1", "--role", "prior=1",
                        cache=cache).returncode == 0
         s = wait_for("back to 1 posterior worker", lambda: (lambda s: s if len(
@@ -154,7 +154,8 @@ def test_kill_and_scale_workers_while_training(tmp_path, cache):
             bad = rtb_ray("scale", str(run), "--role", bad_role, cache=cache)
             assert bad.returncode == 2 and message in bad.stderr, bad.stderr
             assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
-        assert status(run, cache)["targets"] == {"posterior": 1, "prior": 1, "backward": 1}
+        assert status(run, cache)["targets"] == {"posterior": 1, "prior": 1, "backward": 1,
+                                                "dataset": 0}
         step = learner_step(run)
         wait_for("training after scaling", lambda: learner_step(run) > step + 25, proc)
     finally:
