@@ -19,7 +19,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from rtb_ray.config import RunConfig, config_to_dict
-from rtb_ray.tasks import Task
+from rtb_ray.tasks import Task, conditional
 from rtb_ray.run_dir import write_json
 from rtb_ray.tracking import open_run_tracker
 from rtb_ray.transitions import GuidedFamily
@@ -34,6 +34,9 @@ def guidance_sweep(cfg: RunConfig, task: Task, output: Path, scales: list[float]
     if not isinstance(family, GuidedFamily):
         raise ValueError(f"guidance needs a family with an x̂_0 estimate (a GuidedFamily, e.g. "
                          f"a DDPM); task {task.name!r} has a {type(family).__name__}")
+    if conditional(task):  # one guided sample per condition needs a per-condition reward
+        raise ValueError(f"guidance evaluates unconditional tasks; task {task.name!r} is "
+                         f"conditional")
     prior = task.prior()
     output = Path(output)
     if (output / "guidance_eval.json").exists():

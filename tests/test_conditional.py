@@ -147,6 +147,19 @@ def test_conditions_unlike_the_evaluation_conditions_are_refused_before_training
         check_config_for_task(cfg, task)
 
 
+def test_the_guidance_baseline_refuses_a_conditional_task(tmp_path):
+    from rtb_ray.baselines import guidance_sweep
+    from rtb_ray.transitions import DDPMGaussian
+
+    cfg = load_config(CONFIGS / "gauss_cond.yaml")
+    task = make_task(cfg.task)
+    task.family = DDPMGaussian(1, 10)  # a guided family: only the condition stands in the way
+    with pytest.raises(ValueError, match="^guidance evaluates unconditional tasks; task "
+                                         "'gauss_cond' is conditional$"):
+        guidance_sweep(cfg, task, tmp_path / "g", [0.0], 10)
+    assert not (tmp_path / "g").exists()
+
+
 def test_a_task_without_data_is_refused_the_dataset_source():
     cfg = load_config(CONFIGS / "gmm25.yaml", ["train.sources={posterior: 1, dataset: 1}"])
     with pytest.raises(ConfigError, match="^train.sources.dataset: task 'gmm25' has no known"):
