@@ -301,3 +301,94 @@ class TokenMLP(nn.Module):
                 raise ValueError("this network is conditional: pass cond")
             h = h + self.cond_input(cond)
         return self.trunk(h).view(-1, self.length, self.out)
+
+
+class SelfAttention(nn.Module):
+    """Bidirectional multi-head self-attention with plain ``nn.Linear`` q/k/v/out projections
+    (not ``nn.MultiheadAttention``, whose fused weights adapters cannot wrap)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
+        self.heads = heads
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, h: Tensor) -> Tensor:
+        rows, seq, dim = h.shape
+
+        def split(t: Tensor) -> Tensor:  # [rows, heads, seq, dim / heads]
+            return t.view(rows, seq, self.heads, dim // self.heads).transpose(1, 2)
+
+        a = F.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)), split(self.v(h)))
+        return self.out(a.transpose(1, 2).reshape(rows, seq, dim))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm: h + attn(LN(h)), then h + MLP(LN(h))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 2) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(),
+                                 nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, h: Tensor) -> Tensor:
+        h = h + self.attn(self.norm1(h))
+        return h + self.mlp(self.norm2(h))
+
+
+class TokenTransformer(nn.Module):
+    """A small bidirectional transformer denoiser for ``MaskedCategorical``: the sequence
+    [context tokens; x_t] (token + position embeddings, the step's embedding added to every
+    position), pre-norm blocks, and a head over the x_t positions, ``[rows, L, V+1]``. The head
+    starts at zero: a fresh network is uniform over tokens and over the order.
+
+    The context is ``cond[:, context_offset : context_offset + context_length]``: only those
+    columns are read, so a prior that must not see part of the condition (an infilling prior
+    that reads the prefix x, not the suffix y) cannot, by construction. ``cond`` holds token ids
+    ``[rows, C]`` or their one-hot encoding ``[rows, C, V]`` (a float condition that an MLP of
+    the condition reads well). ``context_length = 0``: an unconditional network."""
+
+    def __init__(self, length: int, vocab_size: int, num_steps: int, context_length: int = 0,
+                 context_offset: int = 0, dim: int = 64, depth: int = 2, heads: int = 4,
+                 mlp_ratio: int = 2) -> None:
+        super().__init__()
+        if context_length < 0 or context_offset < 0:
+            raise ValueError("context_length and context_offset must be >= 0")
+        self.length, self.vocab_size, self.dim = length, vocab_size, dim
+        self.context_length, self.context_offset = context_length, context_offset
+        self.tokens = nn.Embedding(vocab_size + 1, dim)  # the mask id V included
+        self.position = nn.Embedding(context_length + length, dim)
+        self.step = nn.Embedding(num_steps, dim)
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab_size + 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def context_ids(self, cond: Tensor | None) -> Tensor | None:
+        """The context token ids ``[rows, context_length]`` this network reads from ``cond``."""
+        if self.context_length == 0:
+            return None
+        if cond is None:
+            raise ValueError("this network reads a context: pass cond")
+        ids = cond.argmax(-1) if cond.dim() == 3 else cond.long()  # one-hot or ids
+        start, n = self.context_offset, self.context_length
+        if ids.dim() != 2 or ids.shape[1] < start + n:
+            raise ValueError(f"cond must hold at least {start + n} tokens per row, as ids "
+                             f"[rows, C] or one-hot [rows, C, V] (got {list(cond.shape)})")
+        return ids[:, start:start + n]
+
+    def forward(self, x: Tensor, t_index: Tensor | int, cond: Tensor | None = None) -> Tensor:
+        """``x [rows, L]`` int64 (ids 0..V, V the mask), ``t_index``: one int for all rows or a
+        ``[rows]`` tensor."""
+        context = self.context_ids(cond)
+        seq = x if context is None else torch.cat([context.to(x.device), x], 1)
+        h = self.tokens(seq) + self.position.weight[: seq.shape[1]]
+        step = self.step(torch.as_tensor(t_index, device=x.device))
+        h = h + step.view(-1, 1, self.dim)  # [1, 1, dim] or [rows, 1, dim]
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h[:, -self.length:]))
