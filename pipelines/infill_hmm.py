@@ -157,8 +157,8 @@ class Config(PriorCheckpointConfig):
     infill_length: int = Field(5, ge=1, le=16, description="L, the infill z")
     y_length: int = Field(3, ge=1, le=64, description="suffix tokens (only the posterior reads)")
     hmm_seed: int = 2
-    stickiness: float = Field(0.7, ge=0, lt=1, description="transitions stay at least this often")
-    emission_concentration: float = Field(0.3, gt=0, description="Dirichlet of each emission row")
+    stickiness: float = Field(0.6, ge=0, lt=1, description="transitions stay at least this often")
+    emission_concentration: float = Field(0.2, gt=0, description="Dirichlet of each emission row")
     data_seed: int = Field(1, description="draws the training and evaluation contexts")
     num_train_contexts: int = Field(256, ge=1, le=100_000)
     num_eval_contexts: int = Field(16, ge=1, le=1000)
