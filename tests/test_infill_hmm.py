@@ -22,7 +22,9 @@ CONFIG = ROOT / "pipelines" / "configs" / "infill_hmm.yaml"
 # a task small enough to enumerate everything by hand: V = 3, L = 3, one token of x and of y
 TINY = dict(num_states=2, vocab_size=3, x_length=1, infill_length=3, y_length=1, dim=16,
             depth=1, heads=2, residual_dim=16, residual_depth=1, num_train_contexts=4,
-            num_eval_contexts=2, pretrain={"steps": 5, "batch_size": 16})
+            num_eval_contexts=2, pretrain={"steps": 5, "batch_size": 16},
+            # pinned, not the defaults: 6 distinct contexts of 9 must be likely under the HMM
+            stickiness=0.7, emission_concentration=0.3)
 
 
 @pytest.fixture(autouse=True)
