@@ -118,14 +118,16 @@ WORST = {"elbo_gap": max, "eubo_gap": max, "ess_fraction": min}
 
 def aggregate_over_conditions(per: list[dict[str, float]]) -> dict[str, float]:
     """Per-condition metrics as their mean (the key itself) and their worst case: the largest
-    gaps (``*_max``), the smallest ESS (``ess_fraction_min``), the largest |log Z error|
-    (``log_z_error_max``)."""
+    gaps (``*_max``), the smallest ESS (``ess_fraction_min``), the mean and the largest
+    |log Z error| (``log_z_abs_error``, ``log_z_error_max``: the signed mean can cancel)."""
     out = {k: sum(p[k] for p in per) / len(per) for k in per[0]}
     for key, worst in WORST.items():
         if key in out:
             out[f"{key}_{worst.__name__}"] = worst(p[key] for p in per)
     if "log_z_error" in out:
-        out["log_z_error_max"] = max(abs(p["log_z_error"]) for p in per)
+        errors = [abs(p["log_z_error"]) for p in per]
+        out["log_z_abs_error"] = sum(errors) / len(errors)
+        out["log_z_error_max"] = max(errors)
     return out
 
 

@@ -203,9 +203,10 @@ def test_a_conditional_run_reports_per_condition_metrics_and_samples_with_cond(
             *sets(SMALL), cache=tmp_path, check=True)
     final = json.loads((run / "final_eval.json").read_text())
     for key in ("log_z_error_max", "mean_error_max", "std_rel_error_max", "elbo_gap_max",
-                "eubo_gap_max", "ess_fraction_min", "log_z_error", "elbo", "eubo"):
+                "eubo_gap_max", "ess_fraction_min", "log_z_error", "log_z_abs_error", "elbo",
+                "eubo"):
         assert np.isfinite(final[key]), key
-    assert final["log_z_error_max"] >= abs(final["log_z_error"])
+    assert final["log_z_error_max"] >= final["log_z_abs_error"] >= abs(final["log_z_error"])
     assert final["num_samples"] == 800  # 100 per condition
     train = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()
              if '"train"' in r]
