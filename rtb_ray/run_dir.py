@@ -1,6 +1,7 @@
 """A run directory (its files: the README, "What a run writes"), its checkpoint and its
 MLflow run, for both runtimes. MLflow gets the same rows as ``metrics.jsonl`` (``train/<key>``
-and ``eval/<key>`` at the learner step), the eval pictures and JSON under ``eval/``, the config,
+and ``eval/<key>`` at the learner step), the eval pictures, JSON (and a task's samples as text,
+``.txt``, where it writes them) under ``eval/``, the config,
 and at the end ``final_eval.json``, ``metrics.jsonl`` and the posterior (PyTorch flavour)."""
 
 from __future__ import annotations
@@ -182,6 +183,9 @@ class RunDir:
         self.log({"kind": "eval", **metrics})
         self.artifact(self.output / "eval" / f"{name}.png", "eval")
         self.artifact(self.output / "eval" / f"{name}.json", "eval")
+        text = self.output / "eval" / f"{name}.txt"
+        if text.exists():  # a task's samples as text (language), beside its picture
+            self.artifact(text, "eval")
         return metrics
 
     def finish(self, final: dict[str, float], posterior: torch.nn.Module,
