@@ -419,7 +419,8 @@ class InfillHMMTask:
                  ctx: EvalContext | None = None) -> dict[str, float]:
         """Exact, per evaluation context (the contexts of ``cond``), with the posterior network
         ``ctx.posterior``: TV(q_φ, target), KL(target ‖ q_φ), |E_q[log r] − E_target[log r]|,
-        TV(prior, target) and TV(Bayes infill, target); means over contexts, and the worst.
+        TV(prior, target) and TV(Bayes infill, target); means over contexts, and the worst;
+        ``closer_than_prior``, the share of contexts where TV(q_φ, target) < TV(prior, target).
         (The samples ``x`` are not needed: the exact marginal replaces them.)"""
         if cond is None or ctx is None:
             raise ValueError("infill_hmm evaluates exactly: evaluate needs cond and ctx")
@@ -443,6 +444,9 @@ class InfillHMMTask:
         out.update({f"{k}_max": max(per[k]) for k in (
             "tv_target", "kl_target", "mean_log_reward_error")})
         out["tv_prior_to_target_min"] = min(per["tv_prior_to_target"])
+        # the share of contexts where the posterior is closer to the target than the prior is
+        out["closer_than_prior"] = sum(q < p for q, p in zip(
+            per["tv_target"], per["tv_prior_to_target"])) / len(per["tv_target"])
         out["tv_ratio"] = out["tv_target"] / max(out["tv_prior_to_target"], 1e-12)
         return out
 

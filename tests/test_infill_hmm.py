@@ -221,6 +221,7 @@ def test_a_tiny_run_writes_the_exact_figures(tmp_path):
         assert np.isfinite(final[key]), key
     assert 0 <= final["tv_target"] <= final["tv_target_max"] <= 1
     assert final["kl_target"] >= 0 and final["tv_prior_to_target"] > 0
+    assert 0 <= final["closer_than_prior"] <= 1
     assert final["num_samples"] == 120  # 40 per context
     assert list((tmp_path / "infill_hmm").glob("prior-*.pt"))  # pretrained once, cached
     assert (run / "eval" / "step_20.png").exists()  # the final evaluation's picture
