@@ -646,6 +646,12 @@ class InfillStoriesTask:
     def eval_conditions(self) -> Tensor:
         return self.context_of(self.eval_stories)
 
+    def known_terminals(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Training stories' own s4 with their conditions (the ``dataset`` source): off-policy
+        infills where the target has its mass. RTB still fits p_θ · r^β, not this data."""
+        rows = self.stories[torch.randint(0, self.stories.shape[0], (n,), generator=generator)]
+        return rows[:, STORY_COLUMNS["s4"]], self.context_of(rows)
+
     def references(self) -> dict[tuple[int, ...], Tensor]:
         """Each evaluation condition → the s4 of its story (the reference for BLEU and GLEU)."""
         return {tuple(c.tolist()): s[STORY_COLUMNS["s4"]]

@@ -207,6 +207,11 @@ def test_evaluate_scores_the_references_and_the_bayes_infill(tmp_path):
     assert r["invalid_rate"] == 1 and r["grammar_prob"] == 0 and r["bleu4"] < 0.2
     text = task.sample_text(bayes, cond)
     assert "[s4]" in text and "p_grammar" in text and "<pad>" not in text
+    # the dataset source's rows: training stories' own infills, each valid in its context
+    x, c = task.known_terminals(16, torch.Generator().manual_seed(2))
+    assert x.shape == (16, task.length) and c.shape == (16, cond.shape[1])
+    g = task.grammar_figures(x, c)
+    assert g["valid"].all() and (g["bayes_p"] > 0).all()
 
 
 def test_a_checkpoint_over_another_vocabulary_is_refused(tmp_path):
