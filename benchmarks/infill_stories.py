@@ -198,7 +198,8 @@ def main() -> None:
     result = {"rows": rows, "paper": PAPER, "n_per_story": args.n, "sir_k": args.sir_k,
               "eval_stories": task.eval_stories.shape[0], "wall_s": wall,
               "rtb_run_pretrained": bool(wall) and not cached,
-              "checks": checks(rows, sir_name, wall.get("RTB")), "cpus": len(os.sched_getaffinity(0))}
+              "checks": checks(rows, sir_name, wall.get("RTB")),
+              "cpus": len(os.sched_getaffinity(0))}
     result["all_met"] = all(result["checks"].values())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")

@@ -36,7 +36,6 @@ import json
 import os
 import textwrap
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -627,7 +626,8 @@ class InfillStoriesTask:
         s = {k: self.vocab.decode(row[sl]) for k, sl in STORY_COLUMNS.items()}
         ctx = self.grammar.context(s["s1"], s["s2"], s["s3"])
         if ctx is None:
-            return f"the grammar cannot write s1..s3 {' / '.join(' '.join(s[k]) for k in CONTEXT[:3])!r}"
+            told = " / ".join(" ".join(s[k]) for k in ("s1", "s2", "s3"))
+            return f"the grammar cannot write s1..s3 {told!r}"
         if s["s4"] not in self.grammar.infills(ctx):
             return f"the grammar cannot write s4 {' '.join(s['s4'])!r} after s1..s3"
         if s["s5"] not in self.grammar.endings(ctx, s["s4"]):

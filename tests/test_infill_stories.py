@@ -202,7 +202,8 @@ def test_evaluate_scores_the_references_and_the_bayes_infill(tmp_path):
     assert b["invalid_rate"] == 0 and 0 < b["distinct2"] <= 1
     # the exact sampler's mean p_grammar is, up to sampling error, what it should be
     assert b["grammar_prob"] == pytest.approx(b["bayes_grammar_prob"], rel=0.35)
-    noise = torch.randint(3, len(task.vocab), refs.shape, generator=torch.Generator().manual_seed(1))
+    noise = torch.randint(3, len(task.vocab), refs.shape,
+                          generator=torch.Generator().manual_seed(1))
     r = task.evaluate(noise, cond)
     assert r["invalid_rate"] == 1 and r["grammar_prob"] == 0 and r["bleu4"] < 0.2
     text = task.sample_text(bayes, cond)
