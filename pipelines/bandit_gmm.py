@@ -283,7 +283,7 @@ class Config(PriorCheckpointConfig):
     data_seed: int = 0
     num_eval_states: int = Field(16, ge=1, le=256)
     eval_seed: int = Field(1, description="draws the evaluation states")
-    num_steps: int = Field(32, ge=1, le=1000, description="T, DDPM steps")
+    num_steps: int = Field(64, ge=1, le=1000, description="T, DDPM steps")
     min_std: float = Field(1e-3, gt=0, description="floor on each reverse step's std")
     hidden: int = Field(128, ge=1)
     depth: int = Field(2, ge=0)
@@ -635,7 +635,7 @@ class BanditGMMTask:
             top = log_density.max().item()
             ax.contour(gx.numpy(), gy.numpy(), log_density.numpy(),
                        levels=[top - d for d in (6.0, 4.5, 3.0, 1.5, 0.5)], colors="tab:red",
-                       linewidths=0.7)
+                       linewidths=0.7, linestyles="solid")  # negative levels: not dashed
             g = self.bandit.goal(s[None])[0].numpy()
             ax.scatter([g[0]], [g[1]], marker="*", s=80, color="black", label="g(s)")
             state = ", ".join(f"{v:.2f}" for v in s.tolist()[:3])
