@@ -9,8 +9,9 @@ over the 16 evaluation states, the bars of issue #17 (Tier A): mode-weight TV to
 learned-prior target ≤ 0.05, |E_π[Q] − E_target[Q]| ≤ 0.1·|E_μ[Q] − E_target[Q]|
 (``q_gap_ratio``), |log Z_φ(s) − log Z_θ(s)| ≤ 0.1, all within 10 minutes; reports beside them
 the TV to the analytic π*, the prior's own error (its target's TV to π*) and the floors: what a
-sampler of the target itself scores at the final sample size (``floors``). One torch thread per process (the pretraining driver included:
-``OMP_NUM_THREADS=1``); the learner on Ray takes its one CPU. Prints and saves JSON.
+sampler of the target itself scores at the final sample size (``floors``). One torch thread
+per process (the pretraining driver included: ``OMP_NUM_THREADS=1``); the learner on Ray takes
+its one CPU. Prints and saves JSON.
 """
 
 from __future__ import annotations
@@ -118,8 +119,8 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
     summary = {"runs": results, "all_met": all(r.get("all_met", False) for r in results.values()),
-               "bars": BARS, "floors": noise, "cpus": len(os.sched_getaffinity(0)), "commit": commit,
-               "load_average_after": os.getloadavg()}
+               "bars": BARS, "floors": noise, "cpus": len(os.sched_getaffinity(0)),
+               "commit": commit, "load_average_after": os.getloadavg()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"all bars met: {summary['all_met']}  ->  {args.out}")
