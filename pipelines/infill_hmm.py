@@ -160,7 +160,7 @@ class Config(PriorCheckpointConfig):
     stickiness: float = Field(0.6, ge=0, lt=1, description="transitions stay at least this often")
     emission_concentration: float = Field(0.2, gt=0, description="Dirichlet of each emission row")
     data_seed: int = Field(1, description="draws the training and evaluation contexts")
-    num_train_contexts: int = Field(256, ge=1, le=100_000)
+    num_train_contexts: int = Field(512, ge=1, le=100_000)
     num_eval_contexts: int = Field(16, ge=1, le=1000)
     train_contexts: list[list[int]] | None = Field(
         None, min_length=1, description="explicit training contexts, x's tokens then y's "
