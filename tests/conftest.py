@@ -82,3 +82,13 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     again = rtb_ray("pretrain", "gmm25", *sets(TINY), cache=cache, check=True).stdout
     assert "already cached" in again
     return cache
+
+
+@pytest.fixture
+def one_thread():
+    """A training run may share these cores: one torch thread, restored afterwards (a test
+    module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -31,13 +31,7 @@ TINY = dict(num_steps=8, hidden=32, depth=1, num_data=2000, num_eval_states=4,
             pretrain={"steps": 30, "batch_size": 128, "stats_samples": 256})
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A training run may share these cores: one thread, restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_task(tmp_path, **changes) -> BanditGMMTask:

@@ -101,15 +101,6 @@ def test_a_conditional_config_is_checked_before_anything_starts(config, override
         check_config_for_task(cfg, make_task(cfg.task))
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny networks: more threads only fight the other processes for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_the_dataset_source_alone_trains_to_the_exact_conditional_posterior(one_thread):
     """Supervised (y, x) pairs noised back (offline data, never sampled from a policy): RTB with
     a table log Z recovers p(x | y) and log Z(y) for every y."""

@@ -19,19 +19,11 @@ from rtb_ray.trajectory import Source, TrajectoryBatch, from_arrow
 from rtb_ray.transitions import TransitionFamily
 
 # from_arrow hands out tensors over read-only Arrow memory; torch says so once per process
-pytestmark = pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")
+pytestmark = [pytest.mark.filterwarnings("ignore:The given NumPy array is not writable"),
+              pytest.mark.usefixtures("one_thread")]  # one_thread: conftest.py
 
 MODES = {"one": None, "schedule": 4}  # unmask mode -> num_steps
 L, V = 3, 3
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A long training run shares these cores: one thread, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def family(mode: str) -> MaskedCategorical:

@@ -15,7 +15,6 @@ import torch
 
 from pipelines.infill_hmm import HMM, Config, InfillHMMTask, ResidualPosterior, check_tokens
 from rtb_ray.config import AdapterConfig, ConfigError, load_config
-from rtb_ray.discrete import TokenTransformer
 from test_cli import ROOT, rtb_ray, sets
 
 CONFIG = ROOT / "pipelines" / "configs" / "infill_hmm.yaml"
@@ -27,13 +26,7 @@ TINY = dict(num_states=2, vocab_size=3, x_length=1, infill_length=3, y_length=1,
             stickiness=0.7, emission_concentration=0.3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A training run may share these cores: one thread, restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def brute_force_log_prob(hmm: HMM, tokens: list[int]) -> float:

@@ -29,13 +29,7 @@ TINY = dict(num_goals=2, num_places=2, num_stories=300, num_eval_stories=3, dim=
             reward={"dim": 16, "layers": 1, "heads": 2, "steps": 5, "batch_size": 16})
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A training run may share these cores: one thread, restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_task(tmp_path, **changes) -> InfillStoriesTask:

@@ -3,7 +3,6 @@ guidance training) teaches one network both the conditional and the unconditiona
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -16,13 +15,7 @@ from rtb_ray.transitions import DDPMGaussian, PinnedBrownian
 MODES = 2.0  # the data: x ~ N(y, 0.1²) with y = ±MODES, y given as the cond
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny networks: on a busy 2-core machine a second thread only waits (10× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def two_modes(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
