@@ -71,10 +71,13 @@ class GuidedFamily(TransitionFamily, Protocol):
 
 
 def _normal_log_prob(x: Tensor, mean: Tensor, var: Tensor | float) -> Tensor:
-    """Diagonal Gaussian log-density, summed over the last axis (``var``: scalar or per entry)."""
+    """Diagonal Gaussian log-density of ``x [n, *event]``, summed over the event (``var``: a
+    scalar, or per entry as ``x`` or broadcastable to it)."""
     if isinstance(var, float):
-        return -0.5 * ((x - mean).square().sum(-1) / var + x.shape[-1] * math.log(2 * math.pi * var))
-    return -0.5 * ((x - mean).square() / var + torch.log(2 * math.pi * var)).sum(-1)
+        return -0.5 * ((x - mean).square().flatten(1).sum(-1) / var
+                       + x[0].numel() * math.log(2 * math.pi * var))
+    terms = (x - mean).square() / var + torch.log(2 * math.pi * var)
+    return -0.5 * terms.expand_as(x).flatten(1).sum(-1)
 
 
 class GaussianSteps:
@@ -85,11 +88,12 @@ class GaussianSteps:
 
     noisy_start = False  # x_0 ~ N(0, I) (drawn, and common to every process) rather than 0
 
-    def __init__(self, dim: int, num_steps: int, net_out_dim: int) -> None:
+    def __init__(self, event_shape: int | tuple[int, ...], num_steps: int, net_out_dim: int) -> None:
         if num_steps < 1:
             raise ValueError("num_steps must be >= 1")
-        self.dim, self.num_steps, self.net_out_dim = dim, num_steps, net_out_dim
-        self.event_shape = (dim,)
+        self.event_shape = (event_shape,) if isinstance(event_shape, int) else tuple(event_shape)
+        self.dim = math.prod(self.event_shape)  # entries per state (a flat event's width)
+        self.num_steps, self.net_out_dim = num_steps, net_out_dim
 
     def moments(self, net: nn.Module, x: Tensor, k: Tensor | int,
                 cond: Tensor | None = None) -> tuple[Tensor, Tensor | float]:
@@ -107,9 +111,9 @@ class GaussianSteps:
                guidance_scale: float = 0.0) -> tuple[Tensor, Tensor]:
         device = next(net.parameters()).device
         # drawn on the CPU (where seeded generators live), then moved: same numbers on any device
-        noise = torch.randn(n, self.num_steps + int(self.noisy_start), self.dim,
+        noise = torch.randn(n, self.num_steps + int(self.noisy_start), *self.event_shape,
                             generator=generator).to(device)
-        states = torch.zeros(n, self.num_steps + 1, self.dim, device=device)
+        states = torch.zeros(n, self.num_steps + 1, *self.event_shape, device=device)
         if self.noisy_start:
             states[:, 0], noise = noise[:, 0], noise[:, 1:]
         x = states[:, 0]
@@ -134,8 +138,8 @@ class GaussianSteps:
         if steps is None:
             steps = torch.arange(self.num_steps, device=states.device)
         k = steps.shape[0]
-        x = states[:, steps].reshape(b * k, self.dim)
-        x_next = states[:, steps + 1].reshape(b * k, self.dim)
+        x = states[:, steps].reshape(b * k, *self.event_shape)
+        x_next = states[:, steps + 1].reshape(b * k, *self.event_shape)
         c = None if cond is None else cond.repeat_interleave(k, dim=0)
         mean, var = self.moments(net, x, steps.repeat(b), c)
         return _normal_log_prob(x_next, mean, var).view(b, k)
@@ -144,9 +148,9 @@ class GaussianSteps:
     def backward_sample(self, x: Tensor, *, generator: torch.Generator | None = None
                         ) -> tuple[Tensor, Tensor]:
         n = x.shape[0]
-        states = torch.zeros(n, self.num_steps + 1, self.dim, device=x.device)
+        states = torch.zeros(n, self.num_steps + 1, *self.event_shape, device=x.device)
         states[:, -1] = x
-        noise = torch.randn(n, self.num_steps, self.dim, generator=generator).to(x.device)
+        noise = torch.randn(n, self.num_steps, *self.event_shape, generator=generator).to(x.device)
         log_q = torch.zeros(n, device=x.device)
         for k in range(self.num_steps - 1, -1, -1):
             shrink, var = self.backward_step(k)
@@ -307,3 +311,108 @@ class DDPMGaussian(GaussianSteps):
         # so a zero-initialised head stays at s = 0 and the prior keeps the fixed variance
         eps = net(a.sqrt() * x0 + (1 - a).sqrt() * z, k, cond)[..., : self.dim]
         return (eps - z).square().sum(-1).mean()
+
+
+class DDIMGaussian(GaussianSteps):
+    """DDIM with η = 1 on a diffusers scheduler's re-spaced schedule, as a transition family.
+
+    Chain step k goes from diffusion timestep ``t_k = timesteps[k]`` to ``t_{k+1}`` (the data
+    after the last). With ā = ``alphas_cumprod`` and ā' that of the next timestep (the
+    scheduler's ``final_alpha_cumprod`` after the last), the step is DDPM's posterior step on the
+    re-spaced schedule, which is what ``DDIMScheduler.step(eta=1)`` draws:
+
+        x̂_0 = (x − √(1−ā)·ε) / √ā,   mean = √ā'·x̂_0 + √(1 − ā' − v)·ε,
+        v = (1−ā')/(1−ā)·(1 − ā/ā'),  floored at ``min_std²`` (v = 0 at the last step when ā' = 1).
+
+    The network predicts ε from (x, t_k, cond): it receives the diffusion timestep, not the chain
+    index, so a UNet trained by diffusers reads what it was trained on. States keep the event's
+    shape (``[n, T+1, C, H, W]`` for images). Step log-probabilities are summed over the event,
+    as exact RTB needs: a DDPO-style per-dimension mean would make the effective reward
+    temperature β_eff = D·β. The start x_{t_0} ~ N(0, I) is common to every process (it cancels
+    in their ratios); ``backward_sample`` is the re-spaced forward (noising) process
+    ``x_{t_k} | x_{t_{k+1}} ~ N(√(ā/ā')·x_{t_{k+1}}, (1 − ā/ā') I)``.
+    """
+
+    noisy_start = True
+
+    def __init__(self, alpha_bar: Tensor, alpha_bar_next: Tensor, timesteps: Tensor,
+                 event_shape: int | tuple[int, ...], min_std: float = 1e-3) -> None:
+        if not (alpha_bar.shape == alpha_bar_next.shape == timesteps.shape) or alpha_bar.dim() != 1:
+            raise ValueError("alpha_bar, alpha_bar_next and timesteps must be [T] each")
+        if not bool(((alpha_bar > 0) & (alpha_bar < alpha_bar_next) & (alpha_bar_next <= 1)).all()):
+            raise ValueError("each step must denoise: 0 < ā_k < ā_{k+1} <= 1")
+        super().__init__(event_shape, alpha_bar.shape[0], math.prod(
+            (event_shape,) if isinstance(event_shape, int) else event_shape))
+        a, a_next = alpha_bar.double(), alpha_bar_next.double()
+        var = (1 - a_next) / (1 - a) * (1 - a / a_next)
+        self.timesteps = timesteps.long()
+        self.alpha_bar, self.alpha_bar_next = a.float(), a_next.float()
+        # mean = coef_x·x − coef_eps·ε, per chain step; float32 for the hot path
+        self.coef_x = (a_next / a).sqrt().float()
+        self.coef_eps = ((a_next * (1 - a) / a).sqrt() - (1 - a_next - var).clamp_min(0).sqrt()).float()
+        self.var = var.clamp_min(min_std**2).float()
+        self.noise_var = (1 - a / a_next).float()  # of the noising step x_{t_k} | x_{t_{k+1}}
+
+    @classmethod
+    def from_scheduler(cls, scheduler: object, num_steps: int, event_shape: int | tuple[int, ...],
+                       min_std: float = 1e-3) -> "DDIMGaussian":
+        """The family of a diffusers scheduler (``DDIMScheduler``, or any with its config keys)
+        after ``set_timesteps(num_steps)``. Refused in one line: what would make a step
+        non-Gaussian (clipping or thresholding x̂_0), a prediction other than ε, and a spacing
+        whose next timestep is not where the previous step ended."""
+        cfg = scheduler.config
+        for key, bad in (("clip_sample", True), ("thresholding", True)):
+            if getattr(cfg, key, False) == bad:
+                raise ValueError(f"scheduler: {key}={bad} makes a step non-Gaussian (x̂_0 is "
+                                 f"clipped); set {key}=False")
+        if getattr(cfg, "prediction_type", "epsilon") != "epsilon":
+            raise ValueError(f"scheduler: prediction_type={cfg.prediction_type!r}; this family "
+                             "reads ε ('epsilon')")
+        scheduler.set_timesteps(num_steps)
+        timesteps = scheduler.timesteps.long().cpu()
+        ratio = cfg.num_train_timesteps // num_steps
+        ends = timesteps - ratio  # where diffusers' step(eta=1) from each timestep lands
+        if not torch.equal(ends[:-1], timesteps[1:]):
+            raise ValueError(f"scheduler: timestep_spacing={cfg.timestep_spacing!r} does not end "
+                             "each step on the next timestep; use 'leading' or 'trailing'")
+        alphas = scheduler.alphas_cumprod.double().cpu()
+        final = torch.tensor([float(scheduler.final_alpha_cumprod)], dtype=torch.float64)
+        last = final if ends[-1] < 0 else alphas[ends[-1:]]
+        return cls(alphas[timesteps], torch.cat([alphas[timesteps[1:]], last]), timesteps,
+                   event_shape, min_std)
+
+    def _at(self, values: Tensor, k: Tensor | int, like: Tensor) -> Tensor:
+        """Per-step values for rows of ``like`` ``[n, *event]`` at chain steps ``k``."""
+        if isinstance(k, int):
+            return values[k].to(like.device)
+        return values.to(like.device)[k].view(-1, *[1] * len(self.event_shape))
+
+    def timestep(self, k: Tensor | int) -> Tensor | int:
+        """The diffusion timestep the network receives at chain step ``k``."""
+        return int(self.timesteps[k]) if isinstance(k, int) else self.timesteps.to(k.device)[k]
+
+    def moments(self, net: nn.Module, x: Tensor, k: Tensor | int,
+                cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        eps = net(x, self.timestep(k), cond)
+        return self._at(self.coef_x, k, x) * x - self._at(self.coef_eps, k, x) * eps, \
+            self._at(self.var, k, x)
+
+    def predict_x0(self, x: Tensor, eps: Tensor, k: int) -> Tensor:
+        """Tweedie's estimate of the clean image from x_{t_k} and the predicted noise."""
+        a = self.alpha_bar[k].item()
+        return (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+
+    def backward_step(self, k: int) -> tuple[float, float]:
+        shrink = (self.alpha_bar[k] / self.alpha_bar_next[k]).sqrt().item()
+        return shrink, self.noise_var[k].item()
+
+    def pretrain_loss(self, net: nn.Module, x0: Tensor, generator: torch.Generator | None = None,
+                      first_steps: int | None = None, cond: Tensor | None = None) -> Tensor:
+        """ε-matching at a uniformly drawn chain step (``first_steps``: the noisiest ones),
+        summed over the event."""
+        k = torch.randint(0, first_steps or self.num_steps, (x0.shape[0],), generator=generator)
+        a = self._at(self.alpha_bar, k, x0).to(x0.dtype)
+        z = torch.randn(x0.shape, generator=generator).to(x0.device)
+        k = k.to(x0.device)
+        eps = net(a.sqrt() * x0 + (1 - a).sqrt() * z, self.timestep(k), cond)
+        return (eps - z).square().flatten(1).sum(-1).mean()

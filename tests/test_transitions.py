@@ -82,6 +82,7 @@ def test_zero_initialised_network_is_the_plain_brownian_motion():
     family = PinnedBrownian(dim=2, num_steps=10, sigma=1.5, learn_variance=True)
     net = TimeMLP(2, 10, hidden=16, out_dim=family.net_out_dim)
     states = torch.randn(8, 11, 2)
-    expected = _normal_log_prob(states[:, 1:], states[:, :-1], family.step_var)
+    expected = torch.stack([_normal_log_prob(states[:, k + 1], states[:, k], family.step_var)
+                            for k in range(10)], 1)
     torch.testing.assert_close(family.step_log_probs(net, states), expected)
     assert math.isclose(family.step_var, 1.5**2 / 10)
