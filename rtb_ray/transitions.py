@@ -80,6 +80,14 @@ def _normal_log_prob(x: Tensor, mean: Tensor, var: Tensor | float) -> Tensor:
     return -0.5 * terms.expand_as(x).flatten(1).sum(-1)
 
 
+def device_of(net: nn.Module) -> torch.device:
+    """Where a network lives: its parameters', else its buffers' (a closed-form prior may have
+    only buffers), else the CPU."""
+    for tensor in (*net.parameters(), *net.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 class GaussianSteps:
     """What Gaussian families share. A family gives ``moments(net, x, k, cond) -> (mean, var)``
     of ``x_{k+1} | x_k`` and ``backward_step(k) -> (shrink, var)`` of its noising process
@@ -109,7 +117,7 @@ class GaussianSteps:
     def sample(self, net: nn.Module, n: int, *, cond: Tensor | None = None, explore: float = 0.0,
                generator: torch.Generator | None = None, guidance: Guidance | None = None,
                guidance_scale: float = 0.0) -> tuple[Tensor, Tensor]:
-        device = next(net.parameters()).device
+        device = device_of(net)
         # drawn on the CPU (where seeded generators live), then moved: same numbers on any device
         noise = torch.randn(n, self.num_steps + int(self.noisy_start), *self.event_shape,
                             generator=generator).to(device)
