@@ -47,8 +47,8 @@ def _check_and_prior_file(cfg: RunConfig, resume_from: Path | None) -> tuple[Tas
     check_config_for_task(cfg, task)
     prior = task.prior()
     if resume_from is not None:
-        load_run_checkpoint(resume_from, task.name, make_posterior(prior, cfg.train.adapter, task),
-                            cfg.train.log_z.kind)
+        posterior = make_posterior(prior, cfg.train.adapter, task)
+        load_run_checkpoint(resume_from, task.name, (posterior, prior), cfg.train.log_z.kind)
     path = task.prior_path()
     return task, path.read_bytes() if path is not None and path.exists() else None
 

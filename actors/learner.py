@@ -16,6 +16,7 @@ from rtb_ray.config import RunConfig
 from rtb_ray.learner import Learner
 from rtb_ray.loop import Run, prepare, train
 from rtb_ray.metrics import staleness, staleness_quantiles
+from rtb_ray.networks import own_state
 from rtb_ray.replay import ReplayDiskError, SampleTimeout
 from rtb_ray.roles import training_mixture
 from rtb_ray.trajectory import TrajectoryBatch
@@ -59,7 +60,10 @@ class StoreBatches:
         return batch
 
     def publish(self, learner: Learner) -> None:
-        state = {k: v.detach().cpu() for k, v in learner.posterior.state_dict().items()}
+        # the posterior's own tensors only: a LoRA or residual posterior's frozen base is the
+        # prior every worker already holds
+        state = {k: v.detach().cpu()
+                 for k, v in own_state(learner.posterior, learner.prior).items()}
         self.weights.publish.remote(learner.version, [ray.put(state)])
 
     def after_step(self, learner: Learner) -> None:

@@ -14,6 +14,7 @@ import torch
 
 from rtb_ray.config import RunConfig
 from rtb_ray.learner import make_posterior
+from rtb_ray.networks import load_own_state
 from rtb_ray.roles import ROLES, RolloutContext
 from rtb_ray.rollout import Sampler
 from rtb_ray.pretrain import atomic_write_bytes
@@ -68,7 +69,8 @@ class RolloutWorker:
         # any other version: after a learner restart the newest one may be older than ours
         if version != self.context.policy_version and refs:
             try:
-                self.context.sampler.posterior.load_state_dict(ray.get(refs[0]))
+                sampler = self.context.sampler
+                load_own_state(sampler.posterior, sampler.prior, ray.get(refs[0]))
                 self.context.policy_version = version
             except ray.exceptions.RayError:  # its owner (the learner) is gone: keep ours
                 pass

@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from pipelines.infill_stories import STORY_COLUMNS, InfillStoriesTask  # noqa: E402
 from rtb_ray.config import AdapterConfig, RunConfig, load_config  # noqa: E402
 from rtb_ray.learner import make_posterior  # noqa: E402
+from rtb_ray.networks import load_own_state  # noqa: E402
 from rtb_ray.pretrain import pretrain_prior  # noqa: E402
 from rtb_ray.run_dir import load_run_checkpoint  # noqa: E402
 from rtb_ray.tracking import MlflowTracker, read_run_record  # noqa: E402
@@ -96,9 +97,10 @@ def sir(task: InfillStoriesTask, prior: torch.nn.Module, cond: torch.Tensor, k: 
 
 
 def posterior_of(run: Path, task: InfillStoriesTask, cfg: RunConfig) -> torch.nn.Module:
-    net = make_posterior(task.prior(), cfg.train.adapter, task)
-    ckpt = load_run_checkpoint(run / "checkpoint.pt", task.name, net)
-    net.load_state_dict(ckpt["learner"]["posterior"])
+    prior = task.prior()
+    net = make_posterior(prior, cfg.train.adapter, task)
+    ckpt = load_run_checkpoint(run / "checkpoint.pt", task.name, (net, prior))
+    load_own_state(net, prior, ckpt["learner"]["posterior"])
     return net.eval()
 
 

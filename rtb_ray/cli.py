@@ -364,6 +364,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from rtb_ray.learner import make_posterior
+    from rtb_ray.networks import load_own_state
     from rtb_ray.rollout import Sampler
     from rtb_ray.run_dir import load_run_checkpoint
     from rtb_ray.tasks import make_task
@@ -378,8 +379,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     task = make_task(cfg.task)
     prior = task.prior()
     posterior = make_posterior(prior, cfg.train.adapter, task)
-    ckpt = load_run_checkpoint(args.run_dir / "checkpoint.pt", task.name, posterior)
-    posterior.load_state_dict(ckpt["learner"]["posterior"])
+    ckpt = load_run_checkpoint(args.run_dir / "checkpoint.pt", task.name, (posterior, prior))
+    load_own_state(posterior, prior, ckpt["learner"]["posterior"])
     batch = Sampler(task, prior, posterior).rollout(
         Source.POSTERIOR, args.n, generator=torch.Generator().manual_seed(args.seed))
     logw = cfg.train.objective.beta * batch.log_reward + batch.log_prior - batch.log_behaviour

@@ -10,7 +10,7 @@ from torch import nn
 
 from rtb_ray.config import AdapterConfig, ConfigError, TrainConfig
 from rtb_ray.log_z import check_log_z_kind, make_log_z
-from rtb_ray.networks import add_lora
+from rtb_ray.networks import add_lora, load_own_state, own_state
 from rtb_ray.objectives import rtb_backward
 from rtb_ray.pretrain import pretrain_prior
 from rtb_ray.trajectory import TrajectoryBatch
@@ -27,12 +27,16 @@ def make_posterior(prior: nn.Module, adapter: AdapterConfig, task: object = None
     custom = getattr(task, "posterior_network", None)
     if custom is not None:
         return custom(prior, adapter)
-    posterior = copy.deepcopy(prior).requires_grad_(True)
-    if adapter.kind == "lora":
-        try:
-            add_lora(posterior, adapter.rank, adapter.alpha, adapter.target_modules)
-        except ValueError as err:  # names the module path: a config problem, said in one line
-            raise ConfigError(str(err)) from None
+    if adapter.kind == "full":
+        return copy.deepcopy(prior).requires_grad_(True)
+    # LoRA: a copy of the modules that shares the prior's frozen tensors (one base in memory,
+    # and own_state publishes and checkpoints the adapters alone)
+    posterior = copy.deepcopy(prior, memo={id(t): t for t in (*prior.parameters(),
+                                                             *prior.buffers())})
+    try:
+        add_lora(posterior, adapter.rank, adapter.alpha, adapter.target_modules)
+    except ValueError as err:  # names the module path: a config problem, said in one line
+        raise ConfigError(str(err)) from None
     return posterior
 
 
@@ -119,7 +123,8 @@ class Learner:
         return {**dict(zip(stats, values)), "lr": self.optimizer.param_groups[0]["lr"]}
 
     def state_dict(self) -> dict:
-        return {"posterior": self.posterior.state_dict(), "log_z": self.log_z.state_dict(),
+        return {"posterior": own_state(self.posterior, self.prior),
+                "log_z": self.log_z.state_dict(),
                 "log_z_kind": self.cfg.log_z.kind, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
                 "step": self.step_count}
@@ -129,7 +134,7 @@ class Learner:
         if isinstance(log_z, torch.Tensor):  # a checkpoint from before train.log_z: one number
             log_z = {"value": log_z}
         check_log_z_kind(state, self.cfg.log_z.kind)
-        self.posterior.load_state_dict(state["posterior"])
+        load_own_state(self.posterior, self.prior, state["posterior"])
         self.log_z.load_state_dict(log_z)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

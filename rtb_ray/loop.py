@@ -103,7 +103,7 @@ def prepare(cfg: RunConfig, output: Path, *, resume: bool, device: str | None = 
     learner = Learner(task.family, task.prior(), cfg.train, resolve_device(device or cfg.device),
                       cfg.seeds.learner, task.eval_conditions() if conditional(task) else None,
                       task)
-    ckpt = run_dir.load_checkpoint(learner.posterior)
+    ckpt = run_dir.load_checkpoint((learner.posterior, learner.prior))
     if ckpt is not None:
         learner.load_state_dict(ckpt["learner"])
         torch.set_rng_state(ckpt["rng"]["torch"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from typing import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -170,3 +171,78 @@ def add_lora(net: nn.Module, rank: int, alpha: float,
         # setattr with a string index also replaces entries of Sequential / ModuleList (to_out.0)
         setattr(parent, name, LoRALinear(modules[path], rank, alpha))
     return len(targets)
+
+
+def own_state(posterior: nn.Module, prior: nn.Module) -> dict[str, Tensor]:
+    """The posterior's state dict less the tensors it shares with the prior (the frozen base of
+    a LoRA or residual posterior): what the learner publishes to workers and checkpoints. A
+    full fine-tune shares nothing, so this is its whole state dict."""
+    shared = {t.data_ptr() for t in (*prior.parameters(), *prior.buffers()) if t.numel()}
+    return {k: v for k, v in posterior.state_dict().items()
+            if not (v.numel() and v.data_ptr() in shared)}
+
+
+def own_state_to_load(state: Mapping[str, Tensor], posterior: nn.Module, prior: nn.Module
+                      ) -> dict[str, Tensor]:
+    """The entries of ``state`` (an ``own_state``, or a whole state dict as checkpoints held
+    before) that ``load_own_state`` writes into ``posterior``; ValueError naming a key when it
+    is the state of another network."""
+    own, full = own_state(posterior, prior), posterior.state_dict()
+    if set(state) != set(own) and set(state) != set(full):
+        missing, extra = sorted(own.keys() - state.keys()), sorted(state.keys() - full.keys())
+        raise ValueError(f"weights of another network (missing {missing[:2]}, unexpected "
+                         f"{extra[:2]})")
+    for key, mine in own.items():
+        if tuple(state[key].shape) != tuple(mine.shape):
+            raise ValueError(f"weights of another network ({key}: {tuple(state[key].shape)}, "
+                             f"here {tuple(mine.shape)})")
+    return {key: state[key] for key in own}
+
+
+def load_own_state(posterior: nn.Module, prior: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Load what ``own_state`` saved; the shared, frozen base is the prior's and stays as is."""
+    posterior.load_state_dict(own_state_to_load(state, posterior, prior), strict=False)
+
+
+class PromptUNet(nn.Module):
+    """ε(x_t, t, prompt id) of a text-conditioned UNet (a diffusers ``UNet2DConditionModel``, or
+    anything called as ``unet(x, t, encoder_hidden_states=...).sample``), with classifier-free
+    guidance inside: ε = ε(x, t, ∅) + w·(ε(x, t, c) − ε(x, t, ∅)).
+
+    The text encoder runs once, outside: ``prompt_states [K+1, L, E]`` are its hidden states of
+    the K prompts and, last, of the empty prompt ∅ (id K, the null condition of ``cond_drop``
+    pretraining). They are a buffer, so they travel with the prior and are never trained. With
+    w = 1 one UNet pass per row suffices; otherwise the conditional and unconditional passes go
+    through the UNet as one batch. ``cond`` is int64 ``[n]`` or ``[n, 1]``.
+    """
+
+    def __init__(self, unet: nn.Module, prompt_states: Tensor, guidance_scale: float = 1.0) -> None:
+        super().__init__()
+        if prompt_states.dim() != 3 or prompt_states.shape[0] < 2:
+            raise ValueError("prompt_states must be [K+1, L, E]: K >= 1 prompts, then the empty "
+                             "prompt")
+        self.unet = unet
+        self.register_buffer("prompt_states", prompt_states)
+        self.guidance_scale = guidance_scale
+
+    @property
+    def null_id(self) -> int:
+        return self.prompt_states.shape[0] - 1
+
+    def forward(self, x: Tensor, t: Tensor | int, cond: Tensor | None = None) -> Tensor:
+        if cond is None:
+            raise ValueError("this network is conditional: pass cond (prompt ids)")
+        ids = cond.long().reshape(-1)
+        if ids.numel() and (ids.min() < 0 or ids.max() > self.null_id):
+            raise ValueError(f"prompt id outside 0..{self.null_id} (the last is the empty prompt)")
+        n = x.shape[0]
+        t = torch.as_tensor(t, device=x.device).expand(n) if not isinstance(t, Tensor) or \
+            t.dim() == 0 else t.to(x.device)
+        w = self.guidance_scale
+        if w == 1.0:
+            return self.unet(x, t, encoder_hidden_states=self.prompt_states[ids]).sample
+        null = torch.full_like(ids, self.null_id)
+        states = self.prompt_states[torch.cat([ids, null])]
+        both = self.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=states).sample
+        eps_cond, eps_null = both[:n], both[n:]
+        return eps_null + w * (eps_cond - eps_null)

@@ -20,6 +20,7 @@ import yaml
 
 from rtb_ray.config import RunConfig, config_to_dict
 from rtb_ray.log_z import check_log_z_kind
+from rtb_ray.networks import own_state_to_load
 from rtb_ray.pretrain import atomic_torch_save, read_checkpoint
 from rtb_ray.tracking import MlflowTracker, open_run_tracker
 
@@ -32,23 +33,24 @@ def write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_run_checkpoint(path: Path, task: str, network: torch.nn.Module | None = None,
+def load_run_checkpoint(path: Path, task: str,
+                        networks: tuple[torch.nn.Module, torch.nn.Module] | None = None,
                         log_z_kind: str | None = None) -> dict:
     """A run checkpoint (``weights_only``), refused with a ValueError if it is not one, is of
-    another task, or (given the task's ``network``) holds a posterior of another shape, or
-    (given ``log_z_kind``) another kind of log Z."""
+    another task, or (given the config's ``networks``, posterior and prior) holds a posterior of
+    another shape, or (given ``log_z_kind``) another kind of log Z."""
     ckpt = read_checkpoint(path, "an rtb-ray run checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an rtb-ray run checkpoint")
     if ckpt["task"] != task:
         raise ValueError(f"{path} is a checkpoint of task {ckpt['task']!r}, not {task!r}")
-    if network is not None:
-        mine = {k: tuple(v.shape) for k, v in network.state_dict().items()}
-        theirs = {k: tuple(v.shape) for k, v in ckpt["learner"]["posterior"].items()}
-        if mine != theirs:
-            diff = sorted(set(mine.items()) ^ set(theirs.items()))[:2]
+    if networks is not None:
+        try:
+            own_state_to_load(ckpt["learner"]["posterior"], *networks)
+        except ValueError as err:
             raise ValueError(f"{path} holds a posterior of another shape than this config's "
-                             f"network (e.g. {diff}); resume with the settings it was made with")
+                             f"network ({err}); resume with the settings it was made with"
+                             ) from None
     if log_z_kind is not None:
         check_log_z_kind(ckpt["learner"], log_z_kind)
     return ckpt
@@ -117,11 +119,12 @@ class RunDir:
         self._lock: IO[str] | None = None
         self.last: dict[str, dict[str, Any]] = {"train": {}, "eval": {}}  # newest row per kind
 
-    def load_checkpoint(self, network: torch.nn.Module) -> dict | None:
-        """The checkpoint to resume from (checked against the task and network), or None."""
+    def load_checkpoint(self, networks: tuple[torch.nn.Module, torch.nn.Module]) -> dict | None:
+        """The checkpoint to resume from (checked against the task and the networks, posterior
+        and prior), or None."""
         if not self.resume:
             return None
-        ckpt = load_run_checkpoint(self.checkpoint_path, self.task_name, network,
+        ckpt = load_run_checkpoint(self.checkpoint_path, self.task_name, networks,
                                    self.cfg.train.log_z.kind)
         self.resumed_at = int(ckpt["learner"]["step"])
         clock = ckpt["clock"]

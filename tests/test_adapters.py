@@ -188,3 +188,47 @@ def test_unet_conv2d_target_is_refused_naming_its_path():
                                          r"\.0\.attn1' is an Attention.*matched by 'attn1'"):
         add_lora(unet, rank=2, alpha=2.0, target_modules=["attn1"])
     assert not lora_layers(unet)
+
+
+def test_a_lora_posterior_shares_the_prior_and_publishes_only_its_adapters():
+    """make_posterior with LoRA: one frozen base in memory (the prior's tensors), and own_state
+    (what workers receive and checkpoints hold) is the adapters alone; a whole state dict, as
+    checkpoints held before, still loads; another network's weights are refused."""
+    from pipelines.t2i_gauss import Config, make_task
+    from rtb_ray.config import AdapterConfig
+    from rtb_ray.learner import make_posterior
+    from rtb_ray.networks import load_own_state, own_state
+
+    torch.manual_seed(0)
+    prior = TimeMLP(dim=3, num_steps=8, hidden=16, depth=1, time_features=8).requires_grad_(False)
+    nn.init.normal_(prior.trunk[-1].weight, std=0.5)
+    posterior = make_posterior(prior, AdapterConfig(kind="lora", rank=2))
+    assert posterior.input.base.weight is prior.input.weight  # shared, not copied
+    assert not any(p.requires_grad for p in prior.parameters())
+    own = own_state(posterior, prior)
+    assert set(own) == {f"{n}.{w}" for n in lora_layers(posterior) for w in ("lora_a", "lora_b")}
+
+    with torch.no_grad():  # "train": move every adapter
+        for name, p in posterior.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    x, k = torch.randn(5, 3), torch.randint(0, 8, (5,))
+    other = make_posterior(prior, AdapterConfig(kind="lora", rank=2))
+    load_own_state(other, prior, own_state(posterior, prior))
+    torch.testing.assert_close(other(x, k), posterior(x, k))
+    fresh = make_posterior(prior, AdapterConfig(kind="lora", rank=2))
+    load_own_state(fresh, prior, posterior.state_dict())  # the whole dict: adapters taken
+    torch.testing.assert_close(fresh(x, k), posterior(x, k))
+    assert prior.input.weight is fresh.input.base.weight  # and the base left as it was
+    with pytest.raises(ValueError, match="weights of another network"):
+        load_own_state(make_posterior(prior, AdapterConfig(kind="lora", rank=4)), prior, own)
+    with pytest.raises(ValueError, match="weights of another network"):
+        load_own_state(make_posterior(prior, AdapterConfig()), prior, own)
+
+    # a full fine-tune shares nothing: its whole state; a residual posterior: its correction
+    assert set(own_state(make_posterior(prior, AdapterConfig()), prior)) == set(prior.state_dict())
+    task = make_task(Config(channels=1, size=4, rank=1, component_stds=[1.0], num_steps=4))
+    t2i_prior = task.prior()
+    residual = make_posterior(t2i_prior, AdapterConfig(), task)
+    assert set(own_state(residual, t2i_prior)) == {f"correction.{k}" for k in
+                                                    residual.correction.state_dict()}
