@@ -61,6 +61,17 @@ class ObjectiveConfig(Strict):
     subsample_steps: int | None = Field(
         None, ge=1, description="gradients through this many random steps, rescaled to be unbiased"
     )
+    kl_weight: float = Field(
+        1.0, ge=0, description="kl_rl only: γ in the advantage β log r − γ·log(p_φ/p_prior). 1: "
+                               "the KL-regularised objective whose optimum is the posterior; "
+                               "γ > 0: DPOK; 0: DDPO (reward only, advantages divided by their "
+                               "group's std)")
+
+    @model_validator(mode="after")
+    def _kl_weight_is_kl_rl(self) -> "ObjectiveConfig":
+        if self.kl_weight != 1.0 and self.kind != "kl_rl":
+            raise ValueError(f"kl_weight: applies to kind kl_rl only (kind is {self.kind})")
+        return self
 
 
 class MassCoveringConfig(Strict):

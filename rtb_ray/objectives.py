@@ -5,7 +5,9 @@ For a trajectory τ with posterior log-probability ``S = Σ_t log p_φ(x_{t+1}|x
     RTB      δ(τ) = log Z + S − log p_prior(τ) − β log r(x_T),        L = mean δ²
     VarGrad  d(τ) = S − log p_prior(τ) − β log r(x_T),                L = var d
              (log Z is then fitted to −mean d by its own squared error, detached from φ)
-    KL-RL    A(τ) = β log r − (S − log p_prior) (detached),          L = −mean (A − mean A)·S
+    KL-RL    A(τ) = β log r − γ(S − log p_prior) (detached),         L = −mean (A − mean A)·S
+             (γ = ``kl_weight``: 1 targets the posterior; γ = 0 is DDPO, reward alone, with
+             A − mean A divided by its group's std as DDPO normalises per prompt)
 
 Every loss depends on the network only through S, so its gradient is Σ_b (∂L/∂S_b) ∇S_b. That
 lets the same code (a) backpropagate through the whole batch at once, (b) accumulate ∇S in
@@ -57,8 +59,13 @@ def trajectory_loss(
         fit_log_z = (log_z + d.detach()).square().mean()
         if cfg.kind == "vargrad":
             per_traj = centred(d, group_size).square()
-        else:  # kl_rl: REINFORCE with a group-mean baseline on β log r − log(p_φ/p_prior)
-            per_traj = -centred(-d.detach(), group_size) * log_post
+        else:  # kl_rl: REINFORCE with a group-mean baseline on β log r − γ·log(p_φ/p_prior)
+            log_ratio = (log_post - log_prior).detach()
+            advantage = centred(beta_log_reward - cfg.kl_weight * log_ratio, group_size)
+            if cfg.kl_weight == 0:  # DDPO: advantages normalised within each group (prompt)
+                rows = advantage.view(-1, group_size) if group_size > 1 else advantage.view(1, -1)
+                advantage = (rows / rows.std(1, keepdim=True).clamp_min(1e-8)).view(-1)
+            per_traj = -advantage * log_post
     if cfg.loss_clip is not None:
         per_traj = torch.relu(per_traj - cfg.loss_clip)
     return per_traj.mean() + fit_log_z, delta

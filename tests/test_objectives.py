@@ -172,6 +172,34 @@ def test_vargrad_centres_within_groups_not_across_them():
                         group_size=3)
 
 
+def test_kl_weight_interpolates_kl_rl_from_the_posterior_objective_to_ddpo():
+    """The gradient of kl_rl's loss with respect to S_b is −(A_b − mean A)/B: γ = 1 is the
+    KL-regularised advantage, γ = 0.5 halves the log-ratio's share (DPOK), γ = 0 is the reward
+    alone divided by its group's std (DDPO)."""
+    log_prior = torch.tensor([0.0, 0.5, -1.0, 2.0])
+    beta_log_reward = torch.tensor([1.0, 2.0, 4.0, 0.0])
+    log_post_values = torch.tensor([0.3, 0.1, -0.2, 1.0])
+
+    def grad(kl_weight: float, group_size: int) -> torch.Tensor:
+        log_post = log_post_values.clone().requires_grad_()
+        loss, _ = trajectory_loss(log_post, log_prior, beta_log_reward, torch.zeros(4),
+                                  ObjectiveConfig(kind="kl_rl", kl_weight=kl_weight), group_size)
+        loss.backward()
+        return log_post.grad
+
+    ratio = log_post_values - log_prior
+    for gamma in (1.0, 0.5):
+        advantage = beta_log_reward - gamma * ratio
+        torch.testing.assert_close(grad(gamma, 2), -centred(advantage, 2) / 4)
+    per_group = centred(beta_log_reward, 2).view(2, 2)
+    ddpo = (per_group / per_group.std(1, keepdim=True)).view(-1)
+    torch.testing.assert_close(grad(0.0, 2), -ddpo / 4)
+    whole = centred(beta_log_reward, 1)
+    torch.testing.assert_close(grad(0.0, 1), -(whole / whole.std()) / 4)
+    with pytest.raises(ValueError, match="kl_weight: applies to kind kl_rl only"):
+        ObjectiveConfig(kind="rtb", kl_weight=0.0)
+
+
 def test_log_z_modules_and_checkpoints(reward_task):
     ids = torch.tensor([[0], [2], [1]])
     table = make_log_z(LogZConfig(kind="table", num_conditions=3), ids)
