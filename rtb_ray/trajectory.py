@@ -323,12 +323,13 @@ def columns_from_batch(batch: TrajectoryBatch, *, run: str = "", worker: str = "
         # the common case (a CPU tensor of the right dtype) is a plain view, with as few calls as
         # possible: this is the replay store's insert path, where every call shows (right after
         # a random gather over a large ring, each costs several times its cold-cache price)
+        if t.dtype in (torch.float16, torch.bfloat16):
+            # half-precision samplers (a UNet in fp16/bf16) store float32, the one float layout;
+            # numpy has no bfloat16 at all
+            t = t.float()
         try:
             a = t.numpy()
-        except (RuntimeError, TypeError):  # needs grad, not on the CPU, or no numpy dtype
-            if t.dtype == torch.bfloat16:
-                raise ValueError("bfloat16 tensors have no numpy/Arrow equivalent; cast them "
-                                 "first") from None
+        except (RuntimeError, TypeError):  # needs grad, or not on the CPU
             a = t.detach().cpu().numpy()
         if dtype is not None and a.dtype != dtype:
             a = a.astype(dtype)

@@ -94,6 +94,20 @@ def test_non_contiguous_and_cast_columns_are_converted() -> None:
     assert torch.equal(back.log_reward, strided.log_reward.float())
 
 
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_half_precision_image_states_are_stored_as_float32(half: torch.dtype) -> None:
+    """A sampler in fp16/bf16 (a UNet) inserts image-shaped states: stored as float32, the
+    layout every float task has, whatever precision made them."""
+    batch = make_batch(b=4, steps=3, event=(3, 4, 4), cond=torch.arange(4)[:, None])
+    batch.states = batch.states.to(half)
+    rb = to_arrow(batch)
+    layout = TrajectoryLayout.from_schema(rb.schema)
+    assert layout.state_dtype == "float32" and layout.state_shape == (4, 3, 4, 4)
+    back = from_arrow(rb)
+    assert back.states.dtype == torch.float32
+    assert torch.equal(back.states, batch.states.float())
+
+
 def test_schema_builder_fields() -> None:
     schema = trajectory_schema((101, 2))
     assert schema.names == ["id", "run", "policy_version", "source", "worker", "states",
