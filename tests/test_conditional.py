@@ -104,6 +104,7 @@ def test_a_conditional_config_is_checked_before_anything_starts(config, override
 def test_the_dataset_source_alone_trains_to_the_exact_conditional_posterior(one_thread):
     """Supervised (y, x) pairs noised back (offline data, never sampled from a policy): RTB with
     a table log Z recovers p(x | y) and log Z(y) for every y."""
+    torch.manual_seed(0)  # the networks' initialisation: the rollouts have their own generator
     cfg = load_config(CONFIGS / "gauss_cond.yaml", [
         "train.sources={dataset: 1}", "train.group_size=4", "train.lr=0.003"])
     task = make_task(cfg.task)
@@ -113,7 +114,9 @@ def test_the_dataset_source_alone_trains_to_the_exact_conditional_posterior(one_
     gen = torch.Generator().manual_seed(0)
     ctx = RolloutContext(Sampler(task, learner.prior, learner.posterior), cfg, gen,
                          read_store=lambda n, rows: None)
-    for _ in range(400):
+    # 800 steps: for some initialisations the rare far-off samples of the largest y (where no
+    # data goes) take 500-600 steps to die out; at 400, three seeds in five failed
+    for _ in range(800):
         batch = ROLES["dataset"].rollout(ctx, 256)
         learner.step(batch)
     assert torch.all(batch.source == Source.DATASET)
