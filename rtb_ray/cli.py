@@ -163,9 +163,11 @@ def tracking_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from rtb_ray.loop import set_torch_threads
     from rtb_ray.tracking import normalize_tracking_uri
 
     cfg = load_config(args.config, args.overrides + tracking_overrides(args))
+    set_torch_threads(cfg)  # on Ray too: the driver pretrains a missing prior
     tracking_uri = normalize_tracking_uri(args.tracking_uri) if args.tracking_uri else None
     output = args.output
     if isinstance(args.resume, str):
@@ -315,9 +317,11 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from rtb_ray.loop import set_torch_threads
     from rtb_ray.tasks import make_task
 
     cfg = _config_for_target(args.target, args.overrides)
+    set_torch_threads(cfg)
     task = make_task(cfg.task)
     path = task.prior_path()
     if path is None:
@@ -336,6 +340,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_guidance(args: argparse.Namespace) -> int:
     from rtb_ray.baselines import guidance_sweep
+    from rtb_ray.loop import set_torch_threads
     from rtb_ray.tasks import make_task
     from rtb_ray.tracking import normalize_tracking_uri
 
@@ -348,6 +353,7 @@ def cmd_guidance(args: argparse.Namespace) -> int:
     if args.n < 2:
         raise ConfigError("--n must be >= 2")
     cfg = load_config(args.config, args.overrides)
+    set_torch_threads(cfg)
     uri = normalize_tracking_uri(args.tracking_uri) if args.tracking_uri else None
     task = make_task(cfg.task)
     result = guidance_sweep(cfg, task, args.output, scales, args.n, tracking_uri=uri)
@@ -364,6 +370,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from rtb_ray.learner import make_posterior
+    from rtb_ray.loop import set_torch_threads
     from rtb_ray.networks import load_own_state
     from rtb_ray.rollout import Sampler
     from rtb_ray.run_dir import load_run_checkpoint
@@ -376,6 +383,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if not cfg_path.exists():
         raise ConfigError(f"{args.run_dir} is not a run directory (no config.yaml)")
     cfg = load_config(cfg_path)
+    set_torch_threads(cfg)
     task = make_task(cfg.task)
     prior = task.prior()
     posterior = make_posterior(prior, cfg.train.adapter, task)

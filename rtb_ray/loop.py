@@ -91,11 +91,18 @@ def check_conditions(cfg: RunConfig, task: Task) -> None:
                           f"(e.g. 16)")
 
 
+def set_torch_threads(cfg: RunConfig, threads: int | None = None) -> None:
+    """torch's threads in this process: ``threads`` (a Ray actor's CPUs), else ``torch_threads``,
+    else the CPUs it may run on. Every command sets them before it builds a prior, which may
+    pretrain it."""
+    torch.set_num_threads(threads or cfg.torch_threads or len(os.sched_getaffinity(0)))
+
+
 def prepare(cfg: RunConfig, output: Path, *, resume: bool, device: str | None = None,
             torch_threads: int | None = None) -> Run:
     """Check the config against the task, build the learner (from the checkpoint on resume)
     and the evaluator. Writes nothing: ``RunDir.start`` does, once all of this has worked."""
-    torch.set_num_threads(torch_threads or cfg.torch_threads or len(os.sched_getaffinity(0)))
+    set_torch_threads(cfg, torch_threads)
     torch.manual_seed(cfg.seeds.learner)
     task = make_task(cfg.task)
     check_config_for_task(cfg, task)

@@ -93,6 +93,28 @@ def test_missing_prior_without_pretraining_is_a_clear_error(tmp_path):
     assert "nope.pt does not exist and pretrain_if_missing is false" in proc.stderr
 
 
+@pytest.mark.parametrize("command", [["train", str(CONFIG), "--output", "RUN"],
+                                     ["train", str(CONFIG), "--in-process", "--output", "RUN"],
+                                     ["pretrain", "gmm25"]])
+def test_a_missing_prior_is_pretrained_with_the_configured_torch_threads(
+        command, tmp_path, cache_dir, one_thread, monkeypatch):
+    """By the driver (on Ray), by prepare (in process) or by `rtb-ray pretrain`: under
+    torch_threads (3 here; this process runs on 1), not torch's default."""
+    from pipelines.gmm25 import GMM25Task
+    from rtb_ray.cli import main
+
+    threads = []
+
+    def pretrain(self: GMM25Task, progress: bool = True) -> dict:
+        threads.append(torch.get_num_threads())
+        raise ValueError("stopped before pretraining")  # exit 2: nothing else runs
+
+    monkeypatch.setattr(GMM25Task, "pretrain", pretrain)
+    args = [str(tmp_path / "run") if a == "RUN" else a for a in command]
+    assert main([*args, "--set", "torch_threads=3"]) == 2
+    assert threads == [3]
+
+
 def test_help_explains_the_commands(tmp_path):
     out = rtb_ray("--help", cache=tmp_path).stdout
     for word in ("train", "pretrain", "sample", "examples"):
