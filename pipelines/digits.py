@@ -21,12 +21,12 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from rtb_ray.datasets import load_images
 from rtb_ray.metrics import frechet_distance, mean_pairwise_cosine_distance, total_variation
 from rtb_ray.networks import TimeMLP
-from rtb_ray.pretrain import PriorCheckpointConfig, load_or_pretrain, pretrain_prior, save_prior
+from rtb_ray.pretrain import (PriorCheckpointConfig, load_or_pretrain, pretrain_prior,
+                              progress_bar, save_prior)
 from rtb_ray.transitions import DDPMGaussian
 
 NUM_CLASSES = 10
@@ -123,12 +123,12 @@ class Classifier(nn.Module):
 
 
 def train_classifier(kind: Literal["cnn", "mlp"], images: Tensor, labels: Tensor,
-                     cfg: ClassifierConfig, seed: int) -> Classifier:
+                     cfg: ClassifierConfig, seed: int, progress: bool = True) -> Classifier:
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     net = Classifier(kind, tuple(images.shape[1:]))  # type: ignore[arg-type]
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    for _ in tqdm(range(cfg.steps), desc=f"classifier ({kind})", mininterval=1.0, leave=False):
+    for _ in progress_bar(range(cfg.steps), f"classifier ({kind})", progress, leave=False):
         idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=gen)
         # noisy copies: the reward also sees imperfect samples, and must not be brittle on them
         x = images[idx] + cfg.noise_std * torch.randn(images[idx].shape, generator=gen)
@@ -196,9 +196,9 @@ class DigitsTask:
         split = int(0.8 * len(order))
         train, held_out = order[:split], order[split:]
         reward_net = train_classifier("cnn", self.images[train], self.labels[train],
-                                      cfg.classifier, cfg.seed + 11)
+                                      cfg.classifier, cfg.seed + 11, progress)
         judge = train_classifier("mlp", self.images[train], self.labels[train],
-                                 cfg.classifier, cfg.seed + 23)
+                                 cfg.classifier, cfg.seed + 23, progress)
         stats: dict = {
             "reward_classifier": reward_net.state_dict(),
             "judge_classifier": judge.state_dict(),

@@ -51,7 +51,7 @@ from pipelines.infill_hmm import PretrainConfig, ResidualPosterior, check_tokens
 from rtb_ray.config import AdapterConfig, ConfigError
 from rtb_ray.discrete import MaskedCategorical, TokenTransformer
 from rtb_ray.pretrain import (PriorCheckpointConfig, load_or_pretrain, pretrain_prior,
-                              read_checkpoint, save_prior)
+                              progress_bar, read_checkpoint, save_prior)
 from rtb_ray.tasks import EvalContext
 
 # -- the grammar's words -----------------------------------------------------------------------
@@ -746,8 +746,6 @@ class InfillStoriesTask:
 
     def _train_reward_lm(self, lm: nn.Module, progress: bool) -> list[float]:
         """AdamW, cosine learning rate, on whole stories: ``<bos>`` s1..s5 ``<eos>``."""
-        from tqdm.auto import tqdm
-
         r = self.config.reward
         gen = torch.Generator().manual_seed(r.seed)
         opt = torch.optim.AdamW(lm.parameters(), lr=r.lr, weight_decay=0.01)
@@ -755,8 +753,7 @@ class InfillStoriesTask:
             opt, lambda s: 0.5 * (1 + np.cos(np.pi * min(s / r.steps, 1.0))))
         lm.train()
         losses = []
-        for step in tqdm(range(r.steps), desc="train reward LM", disable=not progress,
-                         mininterval=1.0):
+        for step in progress_bar(range(r.steps), "train reward LM", progress):
             rows = self.stories[torch.randint(0, self.stories.shape[0], (r.batch_size,),
                                               generator=gen)]
             tokens, _ = story_tokens(self.context_of(rows), rows[:, STORY_COLUMNS["s4"]])

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN", nargs="?", const=True, default=None,
                    help="continue the run in directory RUN (or --output) from its last "
                         "checkpoint, with its replay store and MLflow run")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--tracking-uri", metavar="URI",
                        help="MLflow tracking URI, e.g. http://host:5000 or "
@@ -163,11 +163,13 @@ def tracking_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from rtb_ray import pretrain
     from rtb_ray.loop import set_torch_threads
     from rtb_ray.tracking import normalize_tracking_uri
 
     cfg = load_config(args.config, args.overrides + tracking_overrides(args))
     set_torch_threads(cfg)  # on Ray too: the driver pretrains a missing prior
+    pretrain.PROGRESS_BARS = not args.no_progress  # the bars of task.prior()'s pretraining
     tracking_uri = normalize_tracking_uri(args.tracking_uri) if args.tracking_uri else None
     output = args.output
     if isinstance(args.resume, str):

@@ -14,7 +14,7 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,6 +24,17 @@ from tqdm.auto import tqdm
 from rtb_ray.transitions import TransitionFamily
 
 PRIOR_FORMAT = "rtb-ray-prior/1"
+
+# False hides every pretraining bar of the process (`--no-progress`): pretraining is reached
+# through task.prior(), which takes no arguments, so the CLI cannot pass the flag down to it
+PROGRESS_BARS = True
+
+
+def progress_bar(iterable: Iterable, desc: str, progress: bool = True, **kwargs: Any) -> tqdm:
+    """A tqdm bar over ``iterable`` (at most one update a second), hidden when ``progress`` or
+    ``PROGRESS_BARS`` is false."""
+    return tqdm(iterable, desc=desc, disable=not (progress and PROGRESS_BARS), mininterval=1.0,
+                **kwargs)
 
 
 def _drop_cond(cond: Tensor, null_cond: Tensor, cond_drop: float,
@@ -58,7 +69,7 @@ def pretrain_prior(family: TransitionFamily, net: nn.Module,
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))
     )
     losses: list[float] = []
-    bar = tqdm(range(steps), desc="pretrain prior", disable=not progress, mininterval=1.0)
+    bar = progress_bar(range(steps), "pretrain prior", progress)
     for step in bar:
         data = sample_data(batch_size, gen)
         x, cond = data if isinstance(data, tuple) else (data, None)

@@ -115,6 +115,19 @@ def test_a_missing_prior_is_pretrained_with_the_configured_torch_threads(
     assert threads == [3]
 
 
+def test_no_progress_hides_the_pretraining_bars_too(tmp_path):
+    """A missing prior is pretrained (task.prior()) before training: its bar shows unless
+    --no-progress, which leaves no tqdm bar on stderr at all."""
+    args = ["train", str(CONFIG), "--in-process", "--no-mlflow", *sets(TINY),
+            "--set", "train.steps=1"]  # the prior is what matters here
+    shown = rtb_ray(*args, "--output", str(tmp_path / "shown"), cache=tmp_path / "a", check=True)
+    assert "pretrain prior:" in shown.stderr and "%|" in shown.stderr, shown.stderr[-2000:]
+    quiet = rtb_ray(*args, "--no-progress", "--output", str(tmp_path / "quiet"),
+                    cache=tmp_path / "b", check=True)
+    assert list((tmp_path / "b" / "gmm25").glob("prior-*.pt"))  # it did pretrain
+    assert "%|" not in quiet.stderr and "it/s" not in quiet.stderr, quiet.stderr[-2000:]
+
+
 def test_help_explains_the_commands(tmp_path):
     out = rtb_ray("--help", cache=tmp_path).stdout
     for word in ("train", "pretrain", "sample", "examples"):
