@@ -18,12 +18,14 @@ from pipelines.t2i_shapes import (NUM_PROMPTS, PROMPTS, SHAPES, Config, T2IShape
                                   Tokenizer, coverage, draw_scenes, new_unet, oracle, prompt_id,
                                   prompt_tokens, render, render_prompts, reward_figures,
                                   split_weights, train_reward)
-from rtb_ray.config import AdapterConfig, LogZConfig, TrainConfig
+from rtb_ray.config import AdapterConfig, ConfigError, LogZConfig, TrainConfig, load_config
 from rtb_ray.learner import Learner
 from rtb_ray.networks import LoRALinear
 from rtb_ray.rollout import Sampler
 from rtb_ray.trajectory import Source, TrajectoryBatch
+from test_cli import ROOT
 
+CONFIG = ROOT / "pipelines" / "configs" / "t2i_shapes.yaml"
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 # 8×8 renders, a UNet of 65 k weights, 4 DDIM steps; the reward trained just long enough
 TINY = dict(size=8, min_radius=0.25, max_radius=0.32, num_steps=4, reference_renders=32,
@@ -118,6 +120,23 @@ def test_the_tokenizer_reads_the_grammar_and_names_an_unknown_word():
     # in the task's config: refused when the config is validated, before anything is built
     with pytest.raises(ValidationError, match="'squares' is not a word"):
         Config(rare_prompts=["a red square", "a red squares"])
+
+
+def test_the_shipped_config_and_an_unknown_caption_word_in_it():
+    """The config loads; its log Z table and LoRA targets fit the task; a caption word not in
+    the grammar is one line naming the key and the word, before anything is built."""
+    cfg = load_config(CONFIG)
+    assert cfg.task.name == "t2i_shapes" and cfg.task.rare_ids() == [1, 5, 6]
+    assert cfg.train.log_z.kind == "table" and cfg.train.log_z.num_conditions == NUM_PROMPTS
+    assert cfg.train.adapter.kind == "lora" and cfg.train.adapter.target_modules == ATTENTION
+    assert cfg.task.guidance_scale == 1.0 and cfg.train.objective.kind == "rtb"
+    for value, word in (("[a purple circle]", "purple"), ("[a red square, a red squares]",
+                                                          "squares")):
+        with pytest.raises(ConfigError) as err:
+            load_config(CONFIG, [f"task.rare_prompts={value}"])
+        message = str(err.value)
+        assert message.startswith("task.rare_prompts: ") and "\n" not in message
+        assert f"'{word}' is not a word of the caption grammar" in message, message
 
 
 def test_the_reward_network_prefers_the_render_that_matches_more():
