@@ -37,13 +37,15 @@ def prepare_ray(address: str | None) -> dict[str, str]:
 
 def init_ray(address: str | None, namespace: str = NAMESPACE,
              runtime_env: dict[str, Any] | None = None) -> None:
-    """Start a local Ray (address None) or join one. No dashboard: nothing listens that a run
-    does not need. ``runtime_env``: the job's, for every worker on every node (a task from
+    """Start a new local Ray (address None) or join one. No dashboard: nothing listens that a
+    run does not need. ``runtime_env``: the job's, for every worker on every node (a task from
     outside this project ships with it: rtb_ray.tasks.task_runtime_env)."""
     prepare_ray(address)
     import ray
 
-    ray.init(address=address, namespace=namespace, include_dashboard=False,
+    # "local": Ray's own default (None) joins the newest cluster started on this machine, e.g.
+    # another run's or a test's, and a run would then silently share (and outlive) it
+    ray.init(address=address or "local", namespace=namespace, include_dashboard=False,
              log_to_driver=False, logging_level="ERROR", runtime_env=runtime_env or None)
 
 

@@ -104,7 +104,7 @@ def ray_parts(cfg, seconds: float) -> dict:
 
     # no rate limit: nothing samples the store here
     unlimited = cfg.replay.model_copy(update={"capacity": 200_000, "samples_per_insert": None})
-    ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False,
+    ray.init(address="local", num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False,
              log_to_driver=False, logging_level="ERROR")
     out: dict = {"rollout_workers": []}
     try:

@@ -24,7 +24,7 @@ def local_ray(cache):
     # workers inherit the driver's environment: they find the tiny prior in the same cache
     saved = os.environ.get("RTB_RAY_CACHE")
     os.environ["RTB_RAY_CACHE"] = str(cache)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
     if saved is None:

@@ -370,3 +370,18 @@ def test_an_output_that_cannot_be_created_is_one_clear_line(tmp_path, cache):
                    cache=cache)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "a-file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_local_run_never_joins_a_ray_already_running_here(tmp_path, cache):
+    """Without --address a run starts its own Ray: Ray's default would join the newest cluster
+    started on this machine (a user's `ray start`, another run's or test's) and share it."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        run = tmp_path / "run"
+        rtb_ray("train", str(CONFIG), "--no-progress", "--output", str(run), *sets(TINY),
+                cache=cache, check=True)
+        assert json.loads((run / "runtime.json").read_text())["address"] != cluster.address
+    finally:
+        cluster.shutdown()
