@@ -65,7 +65,7 @@ from torch import Tensor, nn
 from rtb_ray.metrics import frechet_distance
 from rtb_ray.networks import PromptUNet
 from rtb_ray.pretrain import (PriorCheckpointConfig, load_or_pretrain, pretrain_prior,
-                              read_checkpoint, save_prior)
+                              progress_bar, read_checkpoint, save_prior)
 from rtb_ray.tasks import EvalContext
 from rtb_ray.transitions import DDIMGaussian
 
@@ -542,8 +542,6 @@ def train_reward(config: Config, progress: bool = True) -> tuple[RewardNet, list
     """Bradley–Terry on soft labels: BCE(σ(s_a − s_b), σ(κ·(m_a − m_b))), so score
     differences converge to κ per attribute (calibrated, and bounded: hard labels would push
     them apart without limit). Then the per-prompt offset: renders of the prompt score 0."""
-    from tqdm.auto import tqdm
-
     r = config.reward
     torch.manual_seed(r.seed)
     net = RewardNet(r.width, r.features)
@@ -552,8 +550,7 @@ def train_reward(config: Config, progress: bool = True) -> tuple[RewardNet, list
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / r.steps, 1.0))))
     losses = []
-    for step in tqdm(range(r.steps), desc="train reward", disable=not progress,
-                     mininterval=1.0):
+    for step in progress_bar(range(r.steps), "train reward", progress):
         p = preference_pairs(r.batch_size, config, gen)
         scores = net(torch.cat([p.a, p.b]), torch.cat([p.ids, p.ids]))
         s_a, s_b = scores.chunk(2)

@@ -233,7 +233,9 @@ class PromptUNet(nn.Module):
         if cond is None:
             raise ValueError("this network is conditional: pass cond (prompt ids)")
         ids = cond.long().reshape(-1)
-        if ids.numel() and (ids.min() < 0 or ids.max() > self.null_id):
+        # a data-dependent branch: torch.export (MLflow's model format) cannot trace it
+        if not torch.compiler.is_compiling() and ids.numel() and (
+                ids.min() < 0 or ids.max() > self.null_id):
             raise ValueError(f"prompt id outside 0..{self.null_id} (the last is the empty prompt)")
         n = x.shape[0]
         t = torch.as_tensor(t, device=x.device).expand(n) if not isinstance(t, Tensor) or \
