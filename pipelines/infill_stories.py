@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from pipelines.infill_hmm import PretrainConfig, ResidualPosterior, check_tokens
 from rtb_ray.config import AdapterConfig, ConfigError
 from rtb_ray.discrete import MaskedCategorical, TokenTransformer
-from rtb_ray.pretrain import (PriorCheckpointConfig, load_or_pretrain, pretrain_prior,
+from rtb_ray.pretrain import (PriorCheckpointConfig, load_frozen_bundle, pretrain_prior,
                               progress_bar, read_checkpoint, save_prior)
 from rtb_ray.tasks import EvalContext
 
@@ -689,13 +689,8 @@ class InfillStoriesTask:
     def _load(self) -> tuple[nn.Module, nn.Module]:
         """The prior and the reward LM, frozen (pretrained first if missing)."""
         if self._models is None:
-            path = self.config.prior_path()
-            if path.exists():
-                self._check_vocabulary(path)
-            state, self._stats = load_or_pretrain(self.config, self.name, self.pretrain)
-            bundle = self._bundle()
-            bundle.load_state_dict(state)
-            bundle.requires_grad_(False).eval()
+            bundle, self._stats = load_frozen_bundle(self.config, self.name, self.pretrain,
+                                                     self._bundle(), self._check_vocabulary)
             self._models = (bundle["prior"], bundle["reward"])
         return self._models
 

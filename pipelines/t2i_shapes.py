@@ -64,7 +64,7 @@ from torch import Tensor, nn
 
 from rtb_ray.metrics import frechet_distance
 from rtb_ray.networks import PromptUNet
-from rtb_ray.pretrain import (PriorCheckpointConfig, load_or_pretrain, pretrain_prior,
+from rtb_ray.pretrain import (PriorCheckpointConfig, load_frozen_bundle, pretrain_prior,
                               progress_bar, read_checkpoint, save_prior)
 from rtb_ray.tasks import EvalContext
 from rtb_ray.transitions import DDIMGaussian
@@ -667,13 +667,8 @@ class T2IShapesTask:
 
     def _load(self) -> tuple[PromptUNet, RewardNet]:
         if self._models is None:
-            path = self.config.prior_path()
-            if path.exists():
-                self._check_unet(path)
-            state, self._stats = load_or_pretrain(self.config, self.name, self.pretrain)
-            bundle = self._bundle()
-            bundle.load_state_dict(state)
-            bundle.requires_grad_(False).eval()
+            bundle, self._stats = load_frozen_bundle(self.config, self.name, self.pretrain,
+                                                     self._bundle(), self._check_unet)
             self._models = (bundle["prior"], bundle["reward"])
         return self._models
 

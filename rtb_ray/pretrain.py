@@ -189,3 +189,18 @@ def load_or_pretrain(config: PriorCheckpointConfig, task: str,
                 "(run `rtb-ray pretrain CONFIG` first)")
         pretrain()
     return load_prior(path, task, config.spec())
+
+
+def load_frozen_bundle(config: PriorCheckpointConfig, task: str, pretrain: Callable[[], Any],
+                       bundle: nn.ModuleDict, check_file: Callable[[Path], None] | None = None
+                       ) -> tuple[nn.ModuleDict, dict]:
+    """A task's networks saved as one prior checkpoint (e.g. the prior and a reward model),
+    loaded into ``bundle`` (pretrained first if missing) and frozen, with the checkpoint's
+    stats. ``check_file`` reads an existing file first, to refuse in one line one made for other
+    networks (naming what differs) before the spec comparison would."""
+    path = config.prior_path()
+    if check_file is not None and path.exists():
+        check_file(path)
+    state, stats = load_or_pretrain(config, task, pretrain)
+    bundle.load_state_dict(state)
+    return bundle.requires_grad_(False).eval(), stats
