@@ -70,8 +70,8 @@ class Learner:
 
     def log_z_of(self, cond: torch.Tensor | None, n: int = 1) -> torch.Tensor:
         """log Z_φ for ``n`` rows of condition ``cond`` (None: an unconditional task), no grad."""
-        with torch.no_grad():
-            return self.log_z(None if cond is None else cond.to(self.device), n)
+        with torch.no_grad():  # detached too: a scalar's expand() is a view that requires grad
+            return self.log_z(None if cond is None else cond.to(self.device), n).detach()
 
     def mean_log_z(self) -> torch.Tensor:
         """log Z_φ, or its mean over the evaluation conditions (what a train row logs)."""
