@@ -43,8 +43,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from torch import Tensor, nn
 
 from rtb_ray.networks import TimeMLP
-from rtb_ray.offline_rl import (D4RL_KEYS, IQLCritic, check_d4rl, read_d4rl_hdf5, read_d4rl_npz,
-                                train_iql, write_d4rl_npz)
+from rtb_ray.offline_rl import (D4RL_KEYS, IQLCritic, read_d4rl_hdf5, read_d4rl_npz, train_iql,
+                                write_d4rl_npz)
 from rtb_ray.pretrain import (PriorCheckpointConfig, cache_root, load_frozen_bundle,
                               pretrain_prior, read_checkpoint, save_prior)
 from rtb_ray.tasks import EvalContext
