@@ -44,6 +44,7 @@ from pipelines.pendulum import (Episodes, PendulumTask, draw_episode, run_episod
 from rtb_ray.config import RunConfig, load_config  # noqa: E402
 from rtb_ray.learner import make_posterior  # noqa: E402
 from rtb_ray.networks import load_own_state  # noqa: E402
+from rtb_ray import pretrain  # noqa: E402
 from rtb_ray.offline_rl import train_awr, train_bc  # noqa: E402
 from rtb_ray.run_dir import load_run_checkpoint  # noqa: E402
 from rtb_ray.tracking import MlflowTracker  # noqa: E402
@@ -109,6 +110,7 @@ def run_dataset(dataset: str, args: argparse.Namespace) -> dict:
     """Every method on one dataset, every seed; also ``<out>/<dataset>.json``."""
     os.environ["RTB_RAY_CACHE"] = str(args.runs / "cache")  # the same cache as the subprocesses
     torch.set_num_threads(1)
+    pretrain.PROGRESS_BARS = False  # a log file, not a terminal
     cfg = load_config(CONFIG, [f"task.dataset={dataset}"])
     task = PendulumTask(cfg.task)
     t0 = time.perf_counter()
