@@ -36,10 +36,8 @@ The condition is the state itself, float32 [D]; training draws states uniformly 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping
@@ -49,6 +47,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from torch import Tensor, nn
 
+from rtb_ray.datasets import read_npz
 from rtb_ray.networks import TimeMLP
 from rtb_ray.pretrain import (PriorCheckpointConfig, load_or_pretrain, pretrain_prior,
                               read_checkpoint, save_prior)
@@ -220,33 +219,9 @@ def read_dataset(path: Path, state_dim: int, bounded: bool) -> tuple[np.ndarray,
                                                                         str]:
     """An .npz file of behaviour data, checked (``check_dataset``), and its sha256. Arrays are
     read without pickle: an object array is refused, never unpickled."""
-    where = f"dataset {path}"
-    try:
-        raw = path.read_bytes()
-        # by its first bytes: on anything else np.load tries pickle and suggests allowing it
-        if raw.startswith(b"\x93NUMPY"):
-            raise ValueError(f"not an .npz archive (one .npy array, not the keys "
-                             f"{', '.join(DATA_KEYS)})")
-        if not raw.startswith(b"PK"):
-            raise ValueError("not an .npz archive (a zip of .npy arrays)")
-        with np.load(path, allow_pickle=False) as npz:
-            data = {k: _load_key(npz, k, where) for k in npz.files}
-    except (OSError, zipfile.BadZipFile, EOFError) as err:
-        raise ValueError(f"{where}: cannot be read as an .npz archive "
-                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-                         ) from None
-    except ValueError as err:
-        msg = str(err).splitlines()[0]
-        raise ValueError(msg if msg.startswith(where) else f"{where}: {msg}") from None
-    states, actions = check_dataset(where, data, state_dim, bounded)
-    return states, actions, hashlib.sha256(raw).hexdigest()
-
-
-def _load_key(npz: np.lib.npyio.NpzFile, key: str, where: str) -> np.ndarray:
-    try:
-        return npz[key]
-    except ValueError as err:  # "Object arrays cannot be loaded when allow_pickle=False"
-        raise ValueError(f"{where}: key {key!r}: {str(err).splitlines()[0]}") from None
+    data, digest = read_npz(path, DATA_KEYS)
+    states, actions = check_dataset(f"dataset {path}", data, state_dim, bounded)
+    return states, actions, digest
 
 
 # -- config ----------------------------------------------------------------------------------------

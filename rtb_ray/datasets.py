@@ -1,15 +1,19 @@
-"""Small readers for image datasets stored on local disk (no downloads, no torchvision).
+"""Small readers for datasets stored on local disk (no downloads, no torchvision).
 
-Every loader returns ``(images, labels)``: images float32 ``[N, C, H, W]`` scaled to [-1, 1],
-labels int64 ``[N]``. Files are validated on read, and every error names the offending file.
+Every image loader returns ``(images, labels)``: images float32 ``[N, C, H, W]`` scaled to
+[-1, 1], labels int64 ``[N]``. ``read_npz`` reads any .npz of named arrays without pickle. Files
+are validated on read, and every error names the offending file.
 """
 
 from __future__ import annotations
 
 import codecs
 import gzip
+import hashlib
+import io
 import math
 import pickle
+import zipfile
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -24,6 +28,38 @@ _MNIST_FILES = {
 }
 _CIFAR_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
 _NUM_CLASSES = 10
+
+
+def read_npz(path: Path, keys: tuple[str, ...]) -> tuple[dict[str, np.ndarray], str]:
+    """Every array of an .npz file (unchecked) and the file's sha256, read without pickle: an
+    object array is refused, never unpickled. Errors are one line starting ``dataset <path>:``
+    (``keys``, the arrays expected, only name what a lone .npy file lacks)."""
+    where = f"dataset {path}"
+    try:
+        raw = path.read_bytes()
+        # by its first bytes: on anything else np.load tries pickle and suggests allowing it
+        if raw.startswith(b"\x93NUMPY"):
+            raise ValueError(f"not an .npz archive (one .npy array, not the keys "
+                             f"{', '.join(keys)})")
+        if not raw.startswith(b"PK"):
+            raise ValueError("not an .npz archive (a zip of .npy arrays)")
+        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
+            data = {k: _npz_key(npz, k, where) for k in npz.files}
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"{where}: cannot be read as an .npz archive ({type(err).__name__}: "
+                         f"{first})") from None
+    except ValueError as err:
+        msg = str(err).splitlines()[0]
+        raise ValueError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+    return data, hashlib.sha256(raw).hexdigest()
+
+
+def _npz_key(npz: Any, key: str, where: str) -> np.ndarray:
+    try:
+        return npz[key]
+    except ValueError as err:  # "Object arrays cannot be loaded when allow_pickle=False"
+        raise ValueError(f"{where}: key {key!r}: {str(err).splitlines()[0]}") from None
 
 
 def _scale_uint8(x: np.ndarray) -> np.ndarray:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import time
-import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from rtb_ray.datasets import read_npz
 from rtb_ray.pretrain import atomic_write, progress_bar
 
 D4RL_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
@@ -157,33 +156,8 @@ def read_d4rl_npz(path: Path, obs_dim: int | None = None, action_dim: int | None
                   action_bound: float | None = None) -> tuple[dict[str, np.ndarray], str]:
     """An .npz file of D4RL transitions (``D4RL_KEYS``), checked (``check_d4rl``), and its
     sha256. Arrays are read without pickle: an object array is refused, never unpickled."""
-    where = f"dataset {path}"
-    try:
-        raw = path.read_bytes()
-        # by its first bytes: on anything else np.load tries pickle and suggests allowing it
-        if raw.startswith(b"\x93NUMPY"):
-            raise ValueError(f"not an .npz archive (one .npy array, not the keys "
-                             f"{', '.join(D4RL_KEYS)})")
-        if not raw.startswith(b"PK"):
-            raise ValueError("not an .npz archive (a zip of .npy arrays)")
-        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
-            data = {k: _load_key(npz, k, where) for k in npz.files}
-    except (OSError, zipfile.BadZipFile, EOFError) as err:
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise ValueError(f"{where}: cannot be read as an .npz archive ({type(err).__name__}: "
-                         f"{first})") from None
-    except ValueError as err:
-        msg = str(err).splitlines()[0]
-        raise ValueError(msg if msg.startswith(where) else f"{where}: {msg}") from None
-    return (check_d4rl(where, data, obs_dim, action_dim, action_bound),
-            hashlib.sha256(raw).hexdigest())
-
-
-def _load_key(npz: np.lib.npyio.NpzFile, key: str, where: str) -> np.ndarray:
-    try:
-        return npz[key]
-    except ValueError as err:  # "Object arrays cannot be loaded when allow_pickle=False"
-        raise ValueError(f"{where}: key {key!r}: {str(err).splitlines()[0]}") from None
+    data, digest = read_npz(path, D4RL_KEYS)
+    return check_d4rl(f"dataset {path}", data, obs_dim, action_dim, action_bound), digest
 
 
 def write_d4rl_npz(path: Path, data: dict[str, np.ndarray]) -> None:
