@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from rtb_ray.datasets import read_npz
 from rtb_ray.networks import TimeMLP
 from rtb_ray.pretrain import (PriorCheckpointConfig, load_or_pretrain, pretrain_prior,
-                              read_checkpoint, save_prior)
+                              read_checkpoint, save_prior, uniform_rows)
 from rtb_ray.tasks import EvalContext
 from rtb_ray.transitions import DDPMGaussian
 
@@ -413,13 +413,8 @@ class BanditGMMTask:
         states, x = self.data()  # checked before any training: bad data never reaches the cache
         torch.manual_seed(cfg.seed)
         net = self.new_network()
-
-        def sample(n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-            rows = torch.randint(0, states.shape[0], (n,), generator=gen)
-            return x[rows], states[rows]
-
         start = time.perf_counter()
-        losses = pretrain_prior(self.family, net, sample, steps=cfg.steps,
+        losses = pretrain_prior(self.family, net, uniform_rows(x, states), steps=cfg.steps,
                                 batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
                                 progress=progress)
         train_seconds = time.perf_counter() - start

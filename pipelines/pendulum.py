@@ -46,7 +46,7 @@ from rtb_ray.networks import TimeMLP
 from rtb_ray.offline_rl import (D4RL_KEYS, IQLCritic, read_d4rl_hdf5, read_d4rl_npz, train_iql,
                                 write_d4rl_npz)
 from rtb_ray.pretrain import (PriorCheckpointConfig, cache_root, load_frozen_bundle,
-                              pretrain_prior, read_checkpoint, save_prior)
+                              pretrain_prior, read_checkpoint, save_prior, uniform_rows)
 from rtb_ray.tasks import EvalContext
 from rtb_ray.transitions import DDPMGaussian
 
@@ -421,13 +421,8 @@ class PendulumTask:
         data_s = time.perf_counter() - start
         torch.manual_seed(cfg.seed)
         prior = self.new_network()
-
-        def sample(n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-            rows = torch.randint(0, obs.shape[0], (n,), generator=gen)
-            return x[rows], obs[rows]
-
         t0 = time.perf_counter()
-        losses = pretrain_prior(self.family, prior, sample, steps=cfg.steps,
+        losses = pretrain_prior(self.family, prior, uniform_rows(x, obs), steps=cfg.steps,
                                 batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
                                 progress=progress)
         prior_s = time.perf_counter() - t0

@@ -46,6 +46,17 @@ def _drop_cond(cond: Tensor, null_cond: Tensor, cond_drop: float,
     return torch.where(drop.view(-1, *([1] * (cond.dim() - 1))), null, cond)
 
 
+def uniform_rows(x: Tensor, cond: Tensor) -> Callable[[int, torch.Generator],
+                                                      tuple[Tensor, Tensor]]:
+    """``sample_data`` for ``pretrain_prior`` from fixed (x, cond) pairs: rows drawn uniformly
+    with replacement (behaviour cloning on a dataset)."""
+    def sample(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        rows = torch.randint(0, x.shape[0], (n,), generator=generator)
+        return x[rows], cond[rows]
+
+    return sample
+
+
 def pretrain_prior(family: TransitionFamily, net: nn.Module,
                    sample_data: Callable[[int, torch.Generator], Tensor | tuple[Tensor, Tensor]],
                    steps: int, batch_size: int, lr: float, seed: int = 0, progress: bool = True,

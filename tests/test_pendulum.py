@@ -129,6 +129,20 @@ def test_a_dataset_file_is_what_the_prior_learns_from(tmp_path):
     assert "dataset_sha256" in task.config.spec()  # the file's digest names the prior
 
 
+def test_a_d4rl_hdf5_file_feeds_the_task(tmp_path):
+    """A D4RL-keyed HDF5 file (with D4RL's extra ``infos/`` group) is a dataset like any."""
+    h5py = pytest.importorskip("h5py")
+    data = good_arrays()
+    path = tmp_path / "pendulum-medium-v0.hdf5"
+    with h5py.File(path, "w") as f:
+        for key, value in data.items():
+            f.create_dataset(key, data=value)
+        f.create_dataset("infos/qpos", data=np.zeros((data["rewards"].shape[0], 1)))
+    cfg = load_config(CONFIG, [f"task.dataset={path}"])
+    task = PendulumTask(cfg.task.model_copy(update={"prior_checkpoint": str(tmp_path / "p.pt")}))
+    assert all(np.array_equal(task.data()[k], data[k]) for k in D4RL_KEYS)
+
+
 def test_the_prior_checkpoint_holds_prior_critic_and_figures(tmp_path, cache_dir):
     task = tiny_task(tmp_path)
     stats = task.pretrain(progress=False)
