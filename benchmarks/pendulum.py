@@ -39,8 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipelines.pendulum import (Episodes, PendulumTask, draw_episode, run_episodes,  # noqa: E402
-                                to_torque)
+from pipelines.pendulum import Episodes, PendulumTask, draw_episode, run_episodes  # noqa: E402
 from rtb_ray.config import RunConfig, load_config  # noqa: E402
 from rtb_ray.learner import make_posterior  # noqa: E402
 from rtb_ray.networks import load_own_state  # noqa: E402
@@ -94,10 +93,10 @@ def sir_policy(task: PendulumTask, k: int, beta: float, gen: torch.Generator):
     @torch.no_grad()
     def act(obs: np.ndarray) -> np.ndarray:
         states = torch.from_numpy(obs).float().repeat_interleave(k, 0)
-        torque = to_torque(task._sample(prior, states, gen))
-        q = critic.q(states, torque).double().view(-1, k)
+        actions = task.to_action(task._sample(prior, states, gen))
+        q = critic.q(states, actions).double().view(-1, k)
         pick = torch.multinomial((beta * q).softmax(1), 1, generator=gen)[:, 0]
-        return torque.view(-1, k)[torch.arange(obs.shape[0]), pick].numpy()[:, None]
+        return actions.view(obs.shape[0], k, -1)[torch.arange(obs.shape[0]), pick].numpy()
 
     return act
 
@@ -139,7 +138,7 @@ def run_dataset(dataset: str, args: argparse.Namespace) -> dict:
         if seed < args.kl_rl_seeds:
             policies["KL-RL"] = task.policy_of(posterior_of(kl_run, task, cfg), gen)
         for name, policy in policies.items():
-            episodes = run_episodes(policy, args.episodes, seed=1000 + 100 * seed)
+            episodes = run_episodes(policy, args.episodes, seed=1000 + 100 * seed, env=task.env)
             scores[name].append(episodes.scores().tolist())
             failed[name] += int(episodes.failed.sum())
             first.setdefault(name, episodes)

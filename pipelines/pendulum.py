@@ -1,4 +1,5 @@
-"""Control, realistic tier: offline RL on gymnasium's ``Pendulum-v1`` (issue #17, Tier B).
+"""Control, realistic tier: offline RL on gymnasium's ``Pendulum-v1`` (issue #17, Tier B), and
+on D4RL's MuJoCo locomotion data behind flags (Tier C).
 
 The policy is π(a | s) ∝ μ(a | s)·exp(β·Q(s, a)): μ a state-conditioned diffusion model
 behaviour-cloned on a dataset (the prior, "diffusion-BC"), Q an IQL critic trained on the same
@@ -26,11 +27,19 @@ dataset (``rtb_ray.offline_rl``), and RTB fine-tunes the prior towards the tilte
   episode; the references are measured once (``reference_returns``) and frozen below.
   Evaluation rolls the posterior out on ``eval_episodes`` episodes at once; an episode whose
   state or reward stops being finite counts as failed and is never averaged in.
+
+Tier C (``task.env``: ``hopper``, ``halfcheetah``, ``walker2d``; needs ``pip install mujoco``):
+the same task over gymnasium's v5 MuJoCo environments (D4RL's v2 observations), trained on a
+local D4RL file (``task.dataset: d4rl:<file.hdf5>``) or a local Minari dataset
+(``minari:<dataset directory>``), scored with D4RL's reference returns; an episode ends early
+when the environment terminates it (a fallen hopper). ``pipelines/configs/d4rl.yaml``: the
+paper's settings.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import math
 import time
 from dataclasses import dataclass
@@ -43,17 +52,17 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from torch import Tensor, nn
 
 from rtb_ray.networks import TimeMLP
-from rtb_ray.offline_rl import (D4RL_KEYS, IQLCritic, read_d4rl_hdf5, read_d4rl_npz, train_iql,
-                                write_d4rl_npz)
+from rtb_ray.offline_rl import (D4RL_KEYS, IQLCritic, read_d4rl_hdf5, read_d4rl_npz,
+                                read_minari_hdf5, train_iql, write_d4rl_npz)
 from rtb_ray.pretrain import (PriorCheckpointConfig, cache_root, load_frozen_bundle,
                               pretrain_prior, read_checkpoint, save_prior, uniform_rows)
 from rtb_ray.tasks import EvalContext
 from rtb_ray.transitions import DDPMGaussian
 
-OBS_DIM, ACTION_DIM = 3, 1
+OBS_DIM, ACTION_DIM = 3, 1  # Pendulum's
 MAX_TORQUE = 2.0
 EPISODE_STEPS = 200  # Pendulum-v1's time limit
-X_MAX = 4.0  # |arctanh(a / 2)| ≤ 4: |a| ≤ 1.9993
+X_MAX = 4.0  # |arctanh(a / max)| ≤ 4: |a| ≤ 0.99933·max
 DATA_VERSION = 1  # bump when generation changes: it names the cached files
 DATASETS = ("medium", "medium-replay", "medium-expert", "bimodal", "expert", "random")
 
@@ -63,12 +72,50 @@ RANDOM_RETURN = -1227.78
 EXPERT_RETURN = -160.75
 
 
+
+@dataclass(frozen=True)
+class Environment:
+    """A gymnasium environment as the task sees it: actions in [−max_action, max_action]^d,
+    episodes of at most ``max_steps``, scores 0 at ``random_return`` and 100 at
+    ``expert_return``."""
+
+    gym_id: str
+    obs_dim: int
+    action_dim: int
+    max_action: float
+    max_steps: int
+    random_return: float
+    expert_return: float
+
+    def normalized_score(self, returns: np.ndarray) -> np.ndarray:
+        """100·(R − R_random)/(R_expert − R_random) (D4RL's normalisation)."""
+        return 100 * (np.asarray(returns) - self.random_return) / (self.expert_return -
+                                                                   self.random_return)
+
+    @property
+    def needs_mujoco(self) -> bool:
+        return self.gym_id != "Pendulum-v1"
+
+
+ENVIRONMENTS = {
+    "pendulum": Environment("Pendulum-v1", OBS_DIM, ACTION_DIM, MAX_TORQUE, EPISODE_STEPS,
+                            RANDOM_RETURN, EXPERT_RETURN),
+    # D4RL's reference returns (REF_MIN_SCORE, REF_MAX_SCORE of d4rl/infos.py)
+    "hopper": Environment("Hopper-v5", 11, 3, 1.0, 1000, -20.272305, 3234.3),
+    "halfcheetah": Environment("HalfCheetah-v5", 17, 6, 1.0, 1000, -280.178953, 12135.0),
+    "walker2d": Environment("Walker2d-v5", 17, 6, 1.0, 1000, 1.629008, 4592.3),
+}
+PENDULUM = ENVIRONMENTS["pendulum"]
+
+
 # -- the environment and the scripted policies -----------------------------------------------------
-def make_env(num_envs: int):
-    """``num_envs`` Pendulum-v1 environments stepped together (gymnasium's sync vector env)."""
+def make_env(num_envs: int, env: Environment = PENDULUM):
+    """``num_envs`` environments stepped together (gymnasium's sync vector env)."""
     import gymnasium as gym
 
-    return gym.make_vec("Pendulum-v1", num_envs=num_envs, vectorization_mode="sync")
+    if env.needs_mujoco and importlib.util.find_spec("mujoco") is None:
+        raise ImportError(f"{env.gym_id} needs MuJoCo: pip install mujoco")
+    return gym.make_vec(env.gym_id, num_envs=num_envs, vectorization_mode="sync")
 
 
 def controller_torque(obs: np.ndarray, kick: np.ndarray | None = None) -> np.ndarray:
@@ -124,67 +171,91 @@ def scripted_policy(kind: str, episodes: int, rng: np.random.Generator) -> Scrip
 
 @dataclass
 class Episodes:
-    """``returns [n]`` (undiscounted), ``failed [n]`` (a state or reward that was not finite),
-    the first episode's ``theta`` and ``torque`` ``[200]``, and the transitions with D4RL's keys
-    (``[n·200, ...]``, episode-major) when recorded."""
+    """``returns [n]`` (undiscounted, up to each episode's end), ``failed [n]`` (a state or
+    reward that was not finite), the first episode's ``observations`` and ``actions`` (NaN after
+    it ended), and the transitions with D4RL's keys (``[n·max_steps, ...]``, episode-major) when
+    recorded (episodes that never end early: Pendulum's)."""
 
+    env: Environment
     returns: np.ndarray
     failed: np.ndarray
-    theta: np.ndarray
-    torque: np.ndarray
+    observations: np.ndarray
+    actions: np.ndarray
     transitions: dict[str, np.ndarray] | None = None
 
     def scores(self) -> np.ndarray:
         """The normalised scores of the episodes that did not fail."""
-        return normalized_score(self.returns[~self.failed])
+        return self.env.normalized_score(self.returns[~self.failed])
 
 
 def run_episodes(policy: Callable[[np.ndarray], np.ndarray], episodes: int, seed: int,
-                 record: bool = False) -> Episodes:
-    """Roll ``policy`` (observations ``[n, 3]`` -> torques ``[n, 1]``) out on ``episodes``
-    environments at once, reset from ``seed`` (episode i from seed + i)."""
-    env = make_env(episodes)
+                 record: bool = False, env: Environment = PENDULUM) -> Episodes:
+    """Roll ``policy`` (observations ``[n, obs_dim]`` -> actions ``[n, action_dim]``) out on
+    ``episodes`` environments at once, reset from ``seed`` (episode i from seed + i)."""
+    envs = make_env(episodes, env)
+    returns, failed = np.zeros(episodes), np.zeros(episodes, dtype=bool)
+    ended = np.zeros(episodes, dtype=bool)
+    trace_obs = np.full((env.max_steps, env.obs_dim), np.nan)
+    trace_action = np.full((env.max_steps, env.action_dim), np.nan)
+    keep: dict[str, list[np.ndarray]] = {k: [] for k in D4RL_KEYS}
     try:
-        obs, _ = env.reset(seed=seed)
-        returns, failed = np.zeros(episodes), np.zeros(episodes, dtype=bool)
-        theta, torque = np.zeros(EPISODE_STEPS), np.zeros(EPISODE_STEPS)
-        keep: dict[str, list[np.ndarray]] = {k: [] for k in D4RL_KEYS}
-        for t in range(EPISODE_STEPS):
-            # a failed episode's state is not fed on: one NaN row must not poison the batch
-            obs = np.where(failed[:, None], 0.0, obs)
-            action = np.asarray(policy(obs), dtype=np.float64).reshape(episodes, ACTION_DIM)
-            next_obs, reward, terminated, truncated, _ = env.step(action.astype(np.float32))
-            failed |= ~np.isfinite(reward) | ~np.isfinite(next_obs).all(1)
-            returns += np.where(failed, 0.0, reward)
-            theta[t], torque[t] = math.atan2(obs[0, 1], obs[0, 0]), action[0, 0]
+        obs, _ = envs.reset(seed=seed)
+        for t in range(env.max_steps):
+            live = ~(failed | ended)
+            if not live.any():
+                break
+            # a finished or failed episode's state is not fed on: one NaN row must not poison
+            # the batch (the vector env restarts an ended one: its steps are ignored)
+            obs = np.where(live[:, None], obs, 0.0)
+            action = np.asarray(policy(obs), dtype=np.float64).reshape(episodes, env.action_dim)
+            next_obs, reward, terminated, truncated, _ = envs.step(action.astype(np.float32))
+            failed |= live & (~np.isfinite(reward) | ~np.isfinite(next_obs).all(1))
+            returns += np.where(live & ~failed, reward, 0.0)
+            if live[0]:
+                trace_obs[t], trace_action[t] = obs[0], action[0]
             if record:
                 for key, value in zip(D4RL_KEYS, (obs, action, reward, next_obs, terminated,
-                                                  truncated | (t == EPISODE_STEPS - 1))):
+                                                  truncated | (t == env.max_steps - 1))):
                     keep[key].append(np.asarray(value))
+            ended |= live & (terminated | truncated)
             obs = next_obs
     finally:
-        env.close()
+        envs.close()
     transitions = None
     if record:  # [steps, n, ...] -> episode-major rows
-        transitions = {k: np.stack(v, 1).reshape(episodes * EPISODE_STEPS, *v[0].shape[1:])
-                       for k, v in keep.items()}
-    return Episodes(returns, failed, theta, torque, transitions)
+        transitions = {k: np.stack(v, 1).reshape(-1, *v[0].shape[1:]) for k, v in keep.items()}
+    return Episodes(env, returns, failed, trace_obs, trace_action, transitions)
 
 
 def draw_episode(ax, episodes: Episodes) -> None:
-    """The first episode's angle and torque over time, on a matplotlib axis."""
-    steps = np.arange(EPISODE_STEPS)
-    ax.plot(steps, episodes.theta, color="tab:blue", label="angle θ (0: upright)")
-    ax.plot(steps, episodes.torque, color="tab:orange", lw=0.8, label="torque")
+    """The first episode over time on a matplotlib axis: Pendulum's angle and torque, or another
+    environment's first observation and first action."""
+    steps = np.arange(episodes.env.max_steps)
+    if episodes.env is PENDULUM:
+        first = np.arctan2(episodes.observations[:, 1], episodes.observations[:, 0])
+        labels = ("angle θ (0: upright)", "torque")
+        ax.set(ylim=(-math.pi - 0.2, math.pi + 0.2))
+    else:
+        first, labels = episodes.observations[:, 0], ("observation[0]", "action[0]")
+    ax.plot(steps, first, color="tab:blue", label=labels[0])
+    ax.plot(steps, episodes.actions[:, 0], color="tab:orange", lw=0.8, label=labels[1])
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set(xlabel="step", ylim=(-math.pi - 0.2, math.pi + 0.2),
-           title=f"episode 0: score {normalized_score(episodes.returns[:1])[0]:.0f}")
+    score = episodes.env.normalized_score(episodes.returns[:1])[0]
+    ax.set(xlabel="step", title=f"episode 0: score {score:.0f}")
     ax.legend(fontsize=6, loc="lower right")
 
 
 def normalized_score(returns: np.ndarray) -> np.ndarray:
-    """100·(R − R_random)/(R_expert − R_random) (D4RL's normalisation)."""
-    return 100 * (np.asarray(returns) - RANDOM_RETURN) / (EXPERT_RETURN - RANDOM_RETURN)
+    """Pendulum's normalised scores."""
+    return PENDULUM.normalized_score(returns)
+
+
+def episode_returns(data: dict[str, np.ndarray]) -> np.ndarray:
+    """The undiscounted return of every complete episode of D4RL-keyed data (episodes end at a
+    terminal or a timeout; a trailing incomplete one is left out)."""
+    ends = np.flatnonzero(data["terminals"] | data["timeouts"])
+    sums = np.cumsum(data["rewards"], dtype=np.float64)[ends]
+    return np.diff(np.concatenate([[0.0], sums]))
 
 
 def reference_returns(episodes: int = 1000, seed: int = 12345) -> tuple[float, float]:
@@ -241,8 +312,11 @@ class Config(PriorCheckpointConfig):
     """Settings of the Pendulum task (the ``task:`` section of a run config)."""
 
     name: Literal["pendulum"] = "pendulum"
+    env: Literal["pendulum", "hopper", "halfcheetah", "walker2d"] = Field(
+        "pendulum", description="the environment; all but pendulum need MuJoCo and a data file")
     dataset: str = Field("medium-replay", description=f"one of {', '.join(DATASETS)} (generated "
-                         f"from data_seed into the cache), or a D4RL-keyed .npz/.hdf5 file")
+                         f"from data_seed into the cache, pendulum only), a D4RL-keyed "
+                         f".npz/.hdf5 file (d4rl:<file>) or a Minari dataset (minari:<dir>)")
     num_episodes: int = Field(200, ge=1, le=100_000,
                               description="episodes generated (medium-expert: of each)")
     data_seed: int = 0
@@ -261,15 +335,23 @@ class Config(PriorCheckpointConfig):
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
-        if self.dataset not in DATASETS:
-            path = Path(self.dataset).expanduser().resolve()
-            if not path.is_file():
-                raise ValueError(f"dataset: {self.dataset!r} is neither one of "
-                                 f"{', '.join(DATASETS)} nor a file")
-            # absolute: every Ray node and a resumed run read the same file; read and checked
-            # now, so bad data is one line before anything is trained or cached
-            self.dataset = str(path)
-            self._dataset_sha256 = read_dataset_file(path)[1]
+        env = ENVIRONMENTS[self.env]
+        if env.needs_mujoco and importlib.util.find_spec("mujoco") is None:
+            raise ValueError(f"env: {self.env} ({env.gym_id}) needs MuJoCo: pip install mujoco")
+        if self.dataset in DATASETS:
+            if self.env != "pendulum":
+                raise ValueError(f"dataset: {self.dataset!r} is generated for pendulum only; "
+                                 f"env {self.env} needs d4rl:<file> or minari:<dir>")
+            return self
+        kind, path = dataset_source(self.dataset)
+        if not (path.exists() if kind == "minari" else path.is_file()):
+            what = "a Minari dataset" if kind == "minari" else "a file"
+            raise ValueError(f"dataset: {self.dataset!r} is neither one of "
+                             f"{', '.join(DATASETS)} nor {what}")
+        # absolute: every Ray node and a resumed run read the same file; read and checked now,
+        # so bad data is one line before anything is trained or cached
+        self.dataset = f"{kind}:{path}" if kind == "minari" else str(path)
+        self._dataset_sha256 = read_dataset_file(self.dataset, env)[1]
         return self
 
     def spec(self) -> dict:
@@ -277,28 +359,42 @@ class Config(PriorCheckpointConfig):
         data = ({"dataset_sha256": self._dataset_sha256} if self.dataset not in DATASETS else
                 {"dataset": self.dataset, "num_episodes": self.num_episodes,
                  "data_seed": self.data_seed, "data_version": DATA_VERSION})
-        return {"family": "ddpm-linear", "obs_dim": OBS_DIM, **data,
+        return {"family": "ddpm-linear", "env": self.env,
+                "obs_dim": ENVIRONMENTS[self.env].obs_dim, **data,
                 "num_steps": self.num_steps, "min_std": self.min_std, "hidden": self.hidden,
                 "depth": self.depth, "pretrain": self.pretrain.model_dump(),
                 "critic": self.critic.model_dump(), "num_eval_states": self.num_eval_states,
                 "eval_seed": self.eval_seed}
 
 
-def read_dataset_file(path: Path) -> tuple[dict[str, np.ndarray], str]:
-    """A D4RL-keyed .hdf5/.h5 or .npz file, checked for Pendulum (3-D observations, one torque
-    in [−2, 2]), and its sha256."""
-    read = read_d4rl_hdf5 if path.suffix in (".hdf5", ".h5") else read_d4rl_npz
-    return read(path, obs_dim=OBS_DIM, action_dim=ACTION_DIM, action_bound=MAX_TORQUE)
+def dataset_source(dataset: str) -> tuple[str, Path]:
+    """``minari:<dir>`` -> ("minari", dir); ``d4rl:<file>`` or a bare path -> ("d4rl", file)."""
+    kind, _, rest = dataset.partition(":")
+    if kind in ("d4rl", "minari") and rest:
+        return kind, Path(rest).expanduser().resolve()
+    return "d4rl", Path(dataset).expanduser().resolve()
 
 
-def to_x(actions: np.ndarray | Tensor) -> Tensor:
-    """Torques -> the diffusion variable arctanh(a / 2), clipped to ±X_MAX."""
-    a = torch.as_tensor(actions, dtype=torch.float64) / MAX_TORQUE
+def read_dataset_file(dataset: str, env: Environment = PENDULUM
+                      ) -> tuple[dict[str, np.ndarray], str]:
+    """A D4RL-keyed .hdf5/.h5 or .npz file, or a Minari dataset, checked for ``env`` (its
+    observation and action widths, actions within its bounds), and its sha256."""
+    kind, path = dataset_source(dataset)
+    read = (read_minari_hdf5 if kind == "minari" else
+            read_d4rl_hdf5 if path.suffix in (".hdf5", ".h5") else read_d4rl_npz)
+    return read(path, obs_dim=env.obs_dim, action_dim=env.action_dim,
+                action_bound=env.max_action)
+
+
+def to_x(actions: np.ndarray | Tensor, max_action: float = MAX_TORQUE) -> Tensor:
+    """Actions -> the diffusion variable arctanh(a / max), clipped to ±X_MAX."""
+    a = torch.as_tensor(actions, dtype=torch.float64) / max_action
     return a.clamp(-math.tanh(X_MAX), math.tanh(X_MAX)).atanh().float()
 
 
-def to_torque(x: Tensor) -> Tensor:
-    return MAX_TORQUE * x.tanh()
+def to_action(x: Tensor, max_action: float = MAX_TORQUE) -> Tensor:
+    """The diffusion variable -> actions max·tanh(x)."""
+    return max_action * x.tanh()
 
 
 # -- the task --------------------------------------------------------------------------------------
@@ -309,7 +405,9 @@ class PendulumTask:
 
     def __init__(self, config: Config) -> None:
         self.config = c = config
-        self.family = DDPMGaussian(ACTION_DIM, c.num_steps, c.min_std, learn_variance=True)
+        self.env = ENVIRONMENTS[c.env]
+        self.family = DDPMGaussian(self.env.action_dim, c.num_steps, c.min_std,
+                                   learn_variance=True)
         self._data: dict[str, np.ndarray] | None = None
         self._tensors: tuple[Tensor, Tensor] | None = None
         self._models: tuple[TimeMLP, IQLCritic] | None = None
@@ -329,9 +427,9 @@ class PendulumTask:
                 if not path.exists():
                     write_d4rl_npz(path, generate_dataset(c.dataset, c.num_episodes,
                                                           c.data_seed))
-                self._data = read_dataset_file(path)[0]
+                self._data = read_dataset_file(str(path))[0]
             else:
-                data, digest = read_dataset_file(Path(c.dataset))
+                data, digest = read_dataset_file(c.dataset, self.env)
                 if digest != c._dataset_sha256:
                     raise ValueError(f"dataset {c.dataset}: the file changed since the config "
                                      f"was loaded (sha256 {digest[:12]})")
@@ -339,10 +437,11 @@ class PendulumTask:
         return self._data
 
     def _pairs(self) -> tuple[Tensor, Tensor]:
-        """(observations [N, 3], x [N, 1]) float32 tensors of the dataset."""
+        """(observations [N, obs_dim], x [N, action_dim]) float32 tensors of the dataset."""
         if self._tensors is None:
             d = self.data()
-            self._tensors = (torch.from_numpy(d["observations"]).float(), to_x(d["actions"]))
+            self._tensors = (torch.from_numpy(d["observations"]).float(),
+                             to_x(d["actions"], self.env.max_action))
         return self._tensors
 
     def known_terminals(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -370,11 +469,11 @@ class PendulumTask:
     # -- networks ----------------------------------------------------------------------------------
     def new_network(self) -> TimeMLP:
         c = self.config
-        return TimeMLP(ACTION_DIM, c.num_steps, hidden=c.hidden, depth=c.depth,
-                       out_dim=self.family.net_out_dim, cond_dim=OBS_DIM)
+        return TimeMLP(self.env.action_dim, c.num_steps, hidden=c.hidden, depth=c.depth,
+                       out_dim=self.family.net_out_dim, cond_dim=self.env.obs_dim)
 
     def new_critic(self) -> IQLCritic:
-        return IQLCritic(OBS_DIM, ACTION_DIM, hidden=self.config.critic.hidden,
+        return IQLCritic(self.env.obs_dim, self.env.action_dim, hidden=self.config.critic.hidden,
                          depth=self.config.critic.depth)
 
     def prior_path(self) -> Path:
@@ -393,9 +492,9 @@ class PendulumTask:
         ckpt = read_checkpoint(path, "an rtb-ray prior checkpoint")
         spec = ckpt.get("spec") if isinstance(ckpt, dict) else None
         theirs = spec.get("obs_dim", spec.get("state_dim")) if isinstance(spec, dict) else None
-        if theirs is not None and theirs != OBS_DIM:
+        if theirs is not None and theirs != self.env.obs_dim:
             raise ValueError(f"prior_checkpoint {path}: a prior over states of dimension "
-                             f"{theirs}; Pendulum's are {OBS_DIM} (refused)")
+                             f"{theirs}; {self.env.gym_id}'s are {self.env.obs_dim} (refused)")
 
     def prior(self) -> TimeMLP:
         return self._load()[0]
@@ -435,9 +534,9 @@ class PendulumTask:
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         samples = torch.stack([self._sample(prior, s.expand(cfg.stats_samples, -1), gen)
                                for s in self.eval_conditions()])
-        episodes = run_episodes(self.policy_of(prior, gen), c.eval_episodes, c.episode_seed)
-        dataset_returns = data["rewards"].reshape(-1, EPISODE_STEPS).sum(1) \
-            if data["rewards"].shape[0] % EPISODE_STEPS == 0 else None
+        episodes = run_episodes(self.policy_of(prior, gen), c.eval_episodes, c.episode_seed,
+                                env=self.env)
+        dataset_returns = episode_returns(data)
         stats: dict = {"prior_samples": samples, "data_seconds": data_s,
                        "prior_seconds": prior_s, "prior_last_loss": losses[-1],
                        "critic_seconds": critic_stats["seconds"],
@@ -448,8 +547,8 @@ class PendulumTask:
                        "prior_failed_episodes": int(episodes.failed.sum()),
                        "num_transitions": int(obs.shape[0]),
                        "stats_seconds": time.perf_counter() - t0}
-        if dataset_returns is not None:
-            stats["dataset_score"] = float(normalized_score(dataset_returns).mean())
+        if dataset_returns.size:
+            stats["dataset_score"] = float(self.env.normalized_score(dataset_returns).mean())
         self._models, self._targets = (prior, critic.eval().requires_grad_(False)), {}
         self._stats = stats
         stats.update({"log_z_theta": self.target(1.0)["log_z"].mean().item(),
@@ -469,18 +568,21 @@ class PendulumTask:
 
     def policy_of(self, net: nn.Module, gen: torch.Generator
                   ) -> Callable[[np.ndarray], np.ndarray]:
-        """The environment policy of a diffusion network: torque 2·tanh(x), x sampled."""
-        return lambda obs: to_torque(self._sample(net, torch.from_numpy(obs), gen)).numpy()
+        """The environment policy of a diffusion network: action max·tanh(x), x sampled."""
+        return lambda obs: self.to_action(self._sample(net, torch.from_numpy(obs), gen)).numpy()
+
+    def to_action(self, x: Tensor) -> Tensor:
+        return to_action(x, self.env.max_action)
 
     # -- the target --------------------------------------------------------------------------------
     def target(self, beta: float = 1.0) -> dict[str, Tensor]:
         """Per evaluation state (float64 ``[S]``): the tilted prior's E[Q], log Z_θ and ESS
         fraction, and the prior's E[Q], from the stored prior samples."""
         if beta not in self._targets:
-            x = self.stats["prior_samples"]  # [S, n, 1]
+            x = self.stats["prior_samples"]  # [S, n, action_dim]
             num, n = x.shape[0], x.shape[1]
             states = self.eval_conditions().repeat_interleave(n, 0)
-            q = self.critic().q(states, to_torque(x.reshape(-1, ACTION_DIM))).double() \
+            q = self.critic().q(states, self.to_action(x.reshape(num * n, -1))).double() \
                 .view(num, n)
             w = (beta * q).softmax(1)
             self._targets[beta] = {"q": (w * q).sum(1),
@@ -491,15 +593,17 @@ class PendulumTask:
 
     # -- reward and evaluation ---------------------------------------------------------------------
     def log_reward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
-        """Q(s, 2·tanh x) of actions ``x [n, 1]`` in states ``cond [n, 3]`` (critic units)."""
+        """Q(s, max·tanh x) of ``x [n, action_dim]`` in states ``cond [n, obs_dim]`` (critic
+        units)."""
         if cond is None:
             raise ValueError("pendulum is conditional: log_reward needs cond (the state)")
-        if cond.shape[-1] != OBS_DIM:
-            raise ValueError(f"states of dimension {cond.shape[-1]}; Pendulum's are {OBS_DIM}")
+        if cond.shape[-1] != self.env.obs_dim:
+            raise ValueError(f"states of dimension {cond.shape[-1]}; {self.env.gym_id}'s are "
+                             f"{self.env.obs_dim}")
         critic = self.critic()
         device = next(critic.parameters()).device
         with torch.no_grad():
-            q = critic.q(cond.float().to(device), to_torque(x.float()).to(device))
+            q = critic.q(cond.float().to(device), self.to_action(x.float()).to(device))
         return q.float().to(x.device)
 
     def reference_log_z(self, beta: float = 1.0, cond: Tensor | None = None) -> Tensor | None:
@@ -530,10 +634,11 @@ class PendulumTask:
                "mean_q": q.mean().item(), "prior_score": self.stats["prior_score"]}
         out["q_gap_ratio"] = out["q_gap"] / max(out["prior_q_gap"], 1e-12)
         if ctx is not None:
+            device = next(ctx.posterior.parameters()).device
             episodes = run_episodes(
-                lambda obs: to_torque(ctx.sample(torch.from_numpy(obs).float().to(
-                    next(ctx.posterior.parameters()).device)).cpu()).numpy(),
-                self.config.eval_episodes, self.config.episode_seed)
+                lambda obs: self.to_action(ctx.sample(torch.from_numpy(obs).float().to(
+                    device)).cpu()).numpy(),
+                self.config.eval_episodes, self.config.episode_seed, env=self.env)
             self._last_episodes = episodes
             scores = episodes.scores()
             out.update({"score": float(scores.mean()) if scores.size else float("nan"),
@@ -558,24 +663,25 @@ class PendulumTask:
             draw_episode(axes[0], self._last_episodes)
         index = None if cond is None else self.eval_index(cond)
         prior = self.stats["prior_samples"]
-        bins = np.linspace(-MAX_TORQUE, MAX_TORQUE, 41)
+        bins = np.linspace(-self.env.max_action, self.env.max_action, 41)
         for j, ax in enumerate(axes[1:]):
             if index is None or j >= prior.shape[0]:
                 ax.axis("off")
                 continue
-            p = to_torque(prior[j, :, 0])
+            p = self.to_action(prior[j])
             w = self.target(self._beta)  # computed once per β
             s = self.eval_conditions()[j]
-            q = self.critic().q(s.expand(p.shape[0], -1), p[:, None]).double()
+            q = self.critic().q(s.expand(p.shape[0], -1), p).double()
             weights = (self._beta * q).softmax(0).numpy()
-            ax.hist(p.numpy(), bins, density=True, color="grey", alpha=0.4, label="prior")
-            ax.hist(p.numpy(), bins, weights=weights, density=True, histtype="step",
+            ax.hist(p[:, 0].numpy(), bins, density=True, color="grey", alpha=0.4, label="prior")
+            ax.hist(p[:, 0].numpy(), bins, weights=weights, density=True, histtype="step",
                     color="tab:red", label="target")
-            ax.hist(to_torque(x[index == j, 0]).numpy(), bins, density=True, histtype="step",
-                    color="tab:blue", label="posterior")
-            theta = math.degrees(math.atan2(float(s[1]), float(s[0])))
-            ax.set(title=f"θ={theta:.0f}°, θ̇={float(s[2]):.1f}  E[Q] tgt {w['q'][j]:.2f}",
-                   xlabel="torque")
+            ax.hist(self.to_action(x[index == j])[:, 0].numpy(), bins, density=True,
+                    histtype="step", color="tab:blue", label="posterior")
+            where = (f"θ={math.degrees(math.atan2(float(s[1]), float(s[0]))):.0f}°, "
+                     f"θ̇={float(s[2]):.1f}" if self.env is PENDULUM else f"state {j}")
+            ax.set(title=f"{where}  E[Q] tgt {w['q'][j]:.2f}",
+                   xlabel="torque" if self.env is PENDULUM else "action[0]")
             ax.title.set_fontsize(8)
         axes[1].legend(fontsize=6)
         fig.suptitle(title, fontsize=9)

@@ -1,5 +1,6 @@
-"""Offline RL for the control domain: D4RL-style transition data, an IQL critic, and Gaussian
-behaviour (BC) and advantage-weighted (AWR) policies.
+"""Offline RL for the control domain: D4RL-style transition data (read from a D4RL .hdf5 file, an
+.npz file of the same keys, or a local Minari dataset), an IQL critic, and Gaussian behaviour
+(BC) and advantage-weighted (AWR) policies.
 
 The control tasks fine-tune a state-conditioned diffusion prior μ(a|s) towards
 π(a|s) ∝ μ(a|s)·exp(β·Q(s,a)); Q comes from Implicit Q-Learning (Kostrikov et al. 2021), and BC
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -25,6 +27,8 @@ D4RL_KEYS = ("observations", "actions", "rewards", "next_observations", "termina
 _PER_STEP_KEYS = ("rewards", "terminals", "timeouts")  # [N] or [N, 1]
 _FLAG_KEYS = ("terminals", "timeouts")
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_MINARI_KEYS = ("observations", "actions", "rewards", "terminations", "truncations")
+_MINARI_EPISODE = re.compile(r"episode_(\d+)")
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -117,17 +121,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_d4rl_hdf5(path: Path, obs_dim: int | None = None, action_dim: int | None = None,
-                   action_bound: float | None = None) -> tuple[dict[str, np.ndarray], str]:
-    """A D4RL .hdf5 file's transitions (its top-level datasets named by ``D4RL_KEYS``; groups
-    such as ``infos/`` and ``metadata/`` are ignored), checked (``check_d4rl``), and the file's
-    sha256."""
+def _read_hdf5(path: Path, where: str, read: Callable) -> tuple[dict[str, np.ndarray], str]:
+    """``read(h5py, file)``'s arrays from the HDF5 file at ``path``, and the file's sha256. A
+    file that is absent or not HDF5 is a one-line ValueError starting with ``where``."""
     try:
         import h5py
     except ImportError:
-        raise ImportError("reading D4RL .hdf5 files needs h5py: pip install h5py (or the "
-                          "rtb-ray[d4rl] extra)") from None
-    where = f"dataset {path}"
+        raise ImportError("reading D4RL or Minari .hdf5 files needs h5py: pip install h5py (or "
+                          "the rtb-ray[d4rl] extra)") from None
     try:
         with path.open("rb") as f:
             head = f.read(len(_HDF5_SIGNATURE))
@@ -136,19 +137,123 @@ def read_d4rl_hdf5(path: Path, obs_dim: int | None = None, action_dim: int | Non
             raise ValueError(f"{where}: not an HDF5 file")
         digest = _sha256(path)
         with h5py.File(path, "r") as h5:
-            has = sorted(f"{k}/" if isinstance(h5[k], h5py.Group) else k for k in h5.keys())
-            data = {}
-            for key in D4RL_KEYS:
-                if key not in h5:
-                    raise ValueError(f"{where}: missing key {key!r} (it has: "
-                                     f"{', '.join(has) or 'nothing'})")
-                if not isinstance(h5[key], h5py.Dataset):
-                    raise ValueError(f"{where}: key {key!r} is a group, not a dataset")
-                data[key] = h5[key][()]
+            data = read(h5py, h5)
     except OSError as err:
         first = (str(err).strip().splitlines() or [""])[0]
         raise ValueError(f"{where}: cannot be read as an HDF5 file ({type(err).__name__}: "
                          f"{first})") from None
+    return data, digest
+
+
+def _members(h5py, group) -> str:
+    """A group's members, sub-groups ending in '/', for an error message."""
+    return ", ".join(sorted(f"{k}/" if isinstance(group[k], h5py.Group) else k
+                            for k in group.keys())) or "nothing"
+
+
+def read_d4rl_hdf5(path: Path, obs_dim: int | None = None, action_dim: int | None = None,
+                   action_bound: float | None = None) -> tuple[dict[str, np.ndarray], str]:
+    """A D4RL .hdf5 file's transitions (its top-level datasets named by ``D4RL_KEYS``; groups
+    such as ``infos/`` and ``metadata/`` are ignored), checked (``check_d4rl``), and the file's
+    sha256."""
+    where = f"dataset {path}"
+
+    def read(h5py, h5) -> dict[str, np.ndarray]:
+        data = {}
+        for key in D4RL_KEYS:
+            if key not in h5:
+                raise ValueError(f"{where}: missing key {key!r} (it has: {_members(h5py, h5)})")
+            if not isinstance(h5[key], h5py.Dataset):
+                raise ValueError(f"{where}: key {key!r} is a group, not a dataset")
+            data[key] = h5[key][()]
+        return data
+
+    data, digest = _read_hdf5(path, where, read)
+    return check_d4rl(where, data, obs_dim, action_dim, action_bound), digest
+
+
+def read_minari_hdf5(path: Path, obs_dim: int | None = None, action_dim: int | None = None,
+                     action_bound: float | None = None) -> tuple[dict[str, np.ndarray], str]:
+    """A local Minari dataset's transitions as D4RL arrays, checked (``check_d4rl``), and the
+    sha256 of its HDF5 file. ``path``: a Minari dataset directory (as Minari writes under
+    ``~/.minari/datasets/<id>/``, holding ``data/main_data.hdf5``) or that file itself.
+
+    Minari stores one group per episode, ``episode_0``, ``episode_1``, ... (taken in numeric
+    order), each with ``observations`` [T+1, obs_dim] (the last row is the final observation),
+    ``actions`` [T, action_dim], ``rewards``, ``terminations`` and ``truncations`` [T]; other
+    members (``infos/``) are ignored. Episode by episode, observations are obs[:-1],
+    next_observations obs[1:], terminals the terminations and timeouts the truncations; the
+    episodes are concatenated in order. Dict observation spaces (``observations/`` a group) are
+    not supported."""
+    path = Path(path)
+    if path.is_dir():
+        file = path / "data" / "main_data.hdf5"
+        if not file.is_file():
+            raise ValueError(f"dataset {path}: no data/main_data.hdf5 in this directory (a "
+                             f"Minari dataset directory holds one)")
+    else:
+        file = path
+    where = f"dataset {file}"
+
+    def read(h5py, h5) -> dict[str, np.ndarray]:
+        numbered = []
+        for name in h5.keys():
+            match = _MINARI_EPISODE.fullmatch(name)
+            if match:
+                numbered.append((int(match.group(1)), name))
+        if not numbered:
+            raise ValueError(f"{where}: no 'episode_*' groups, so not a Minari dataset (it has: "
+                             f"{_members(h5py, h5)})")
+        parts: dict[str, list[np.ndarray]] = {key: [] for key in D4RL_KEYS}
+        first: dict[str, tuple[str, tuple[int, ...]]] = {}  # key: (episode, shape[1:])
+        for _, name in sorted(numbered):
+            episode = h5[name]
+            if not isinstance(episode, h5py.Group):
+                raise ValueError(f"{where}: {name!r} is a dataset, not an episode group")
+            arrays = {}
+            for key in _MINARI_KEYS:
+                if key not in episode:
+                    raise ValueError(f"{where}: episode {name!r}: missing key {key!r} (it has: "
+                                     f"{_members(h5py, episode)})")
+                if not isinstance(episode[key], h5py.Dataset):
+                    if key == "observations":
+                        raise ValueError(f"{where}: episode {name!r}: key 'observations' is a "
+                                         f"group (a Dict observation space), which is not "
+                                         f"supported")
+                    raise ValueError(f"{where}: episode {name!r}: key {key!r} is a group, not "
+                                     f"a dataset")
+                value = episode[key][()]
+                if value.ndim == 0:
+                    raise ValueError(f"{where}: episode {name!r}: key {key!r}: a scalar, "
+                                     f"expected one row per step")
+                arrays[key] = value
+            steps = arrays["actions"].shape[0]
+            if arrays["observations"].shape[0] != steps + 1:
+                raise ValueError(f"{where}: episode {name!r}: key 'observations': "
+                                 f"{arrays['observations'].shape[0]} rows, expected {steps + 1} "
+                                 f"(one more than the {steps} of 'actions': the last is the "
+                                 f"final observation)")
+            for key in ("rewards", "terminations", "truncations"):
+                if arrays[key].shape[0] != steps:
+                    raise ValueError(f"{where}: episode {name!r}: key {key!r}: "
+                                     f"{arrays[key].shape[0]} rows, but 'actions' has {steps}")
+            # episodes must agree on widths, or concatenating them would fail without naming one
+            for key, value in arrays.items():
+                seen, shape = first.setdefault(key, (name, value.shape[1:]))
+                if value.shape[1:] != shape:
+                    raise ValueError(f"{where}: episode {name!r}: key {key!r}: shape "
+                                     f"{value.shape}, but episode {seen!r} has rows of shape "
+                                     f"{shape}")
+            obs = arrays["observations"]
+            parts["observations"].append(obs[:-1])
+            parts["next_observations"].append(obs[1:])
+            parts["actions"].append(arrays["actions"])
+            parts["rewards"].append(arrays["rewards"])
+            parts["terminals"].append(arrays["terminations"])
+            parts["timeouts"].append(arrays["truncations"])
+        return {key: np.concatenate(values) for key, values in parts.items()}
+
+    data, digest = _read_hdf5(file, where, read)
     return check_d4rl(where, data, obs_dim, action_dim, action_bound), digest
 
 

@@ -1,4 +1,5 @@
-"""Offline RL machinery (rtb_ray/offline_rl.py): the D4RL data checks and readers, IQL on
+"""Offline RL machinery (rtb_ray/offline_rl.py): the D4RL data checks and readers (D4RL
+.hdf5, .npz and Minari), IQL on
 problems whose Q and V are known, BC and AWR policies, and seeded determinism."""
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 from rtb_ray.offline_rl import (D4RL_KEYS, GaussianPolicy, check_d4rl, read_d4rl_hdf5,
-                                read_d4rl_npz, train_awr, train_bc, train_iql, write_d4rl_npz)
+                                read_d4rl_npz, read_minari_hdf5, train_awr, train_bc, train_iql,
+                                write_d4rl_npz)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -327,3 +329,138 @@ def test_bounded_policy_log_prob_is_finite_on_the_bound_and_actions_stay_inside(
     assert (sample.abs() <= 0.5).all() and not torch.equal(sample, mean)
     again = policy.act(obs, deterministic=False, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sample, again)
+
+
+# -- Minari datasets ---------------------------------------------------------------------------
+MINARI_STEPS = {"episode_0": 4, "episode_2": 2, "episode_10": 5}  # 2 before 10: numeric order
+
+
+def minari_episodes(obs_dim: int = 3, action_dim: int = 2, seed: int = 0) -> dict:
+    """Minari-style episodes, keyed by group name, each observation row unique."""
+    rng = np.random.default_rng(seed)
+    episodes = {}
+    for name, steps in MINARI_STEPS.items():
+        terminations = np.zeros(steps, bool)
+        truncations = np.zeros(steps, bool)
+        (terminations if name == "episode_2" else truncations)[-1] = True
+        episodes[name] = {
+            "observations": rng.normal(size=(steps + 1, obs_dim)),
+            "actions": rng.uniform(-1, 1, size=(steps, action_dim)).astype(np.float32),
+            "rewards": rng.normal(size=steps),
+            "terminations": terminations,
+            "truncations": truncations,
+        }
+    return episodes
+
+
+def write_minari(path, episodes: dict, *, observations_as_group: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as h5:
+        h5.attrs["total_steps"] = sum(len(e["actions"]) for e in episodes.values())
+        for name, arrays in reversed(list(episodes.items())):  # stored order is not step order
+            group = h5.create_group(name)
+            group.attrs["id"] = int(name.split("_")[1])
+            for key, value in arrays.items():
+                group.create_dataset(key, data=value)
+            group.create_dataset("infos/success", data=np.zeros(len(arrays["actions"]), bool))
+        if observations_as_group is not None:
+            episode = h5[observations_as_group]
+            del episode["observations"]
+            episode.create_dataset("observations/position", data=np.zeros((3, 2)))
+
+
+def test_read_minari_hdf5_concatenates_episodes_in_numeric_order(tmp_path):
+    episodes = minari_episodes()
+    directory = tmp_path / "pendulum" / "expert-v0"
+    file = directory / "data" / "main_data.hdf5"
+    write_minari(file, episodes)
+    (directory / "data" / "metadata.json").write_text("{}")
+
+    order = ["episode_0", "episode_2", "episode_10"]
+    expected = {
+        "observations": np.concatenate([episodes[n]["observations"][:-1] for n in order]),
+        "next_observations": np.concatenate([episodes[n]["observations"][1:] for n in order]),
+        "actions": np.concatenate([episodes[n]["actions"] for n in order]),
+        "rewards": np.concatenate([episodes[n]["rewards"] for n in order]),
+        "terminals": np.concatenate([episodes[n]["terminations"] for n in order]),
+        "timeouts": np.concatenate([episodes[n]["truncations"] for n in order]),
+    }
+    sha = hashlib.sha256(file.read_bytes()).hexdigest()
+    for path in (directory, file):
+        out, digest = read_minari_hdf5(path, obs_dim=3, action_dim=2, action_bound=1.0)
+        assert digest == sha
+        assert set(out) == set(D4RL_KEYS)
+        for key in D4RL_KEYS:
+            assert out[key].shape[0] == 11, key
+            np.testing.assert_array_equal(out[key], expected[key].astype(out[key].dtype),
+                                          err_msg=key)
+        # within an episode each next observation is the following row's observation; across
+        # an episode's end it is that episode's final observation, not the next one's first
+        np.testing.assert_array_equal(out["next_observations"][:3], out["observations"][1:4])
+        np.testing.assert_array_equal(out["next_observations"][3],
+                                      episodes["episode_0"]["observations"][4].astype(np.float32))
+        np.testing.assert_array_equal(out["observations"][4],
+                                      episodes["episode_2"]["observations"][0].astype(np.float32))
+        assert np.flatnonzero(out["terminals"]).tolist() == [5]
+        assert np.flatnonzero(out["timeouts"]).tolist() == [3, 10]
+
+    # the checks run on the converted arrays too
+    msg = one_line_error(f"dataset {file}", lambda: read_minari_hdf5(directory, obs_dim=4))
+    assert "'observations'" in msg and "(N, 4)" in msg
+
+
+def _drop(name, key):
+    def change(episodes):
+        del episodes[name][key]
+    return change
+
+
+def _rows(name, key, rows):
+    def change(episodes):
+        episodes[name][key] = episodes[name][key][:rows]
+    return change
+
+
+MINARI_BAD = [
+    ("missing rewards", _drop("episode_2", "rewards"), None,
+     ["episode 'episode_2'", "missing key 'rewards'", "infos/"]),
+    ("missing truncations", _drop("episode_10", "truncations"), None,
+     ["episode 'episode_10'", "'truncations'"]),
+    ("dict observations", lambda e: None, "episode_2",
+     ["episode 'episode_2'", "'observations'", "not supported"]),
+    ("observations as many rows as actions", _rows("episode_10", "observations", 5), None,
+     ["episode 'episode_10'", "'observations'", "5 rows", "expected 6"]),
+    ("observations two rows more", lambda e: e["episode_0"].update(
+        observations=np.zeros((6, 3))), None,
+     ["episode 'episode_0'", "'observations'", "6 rows", "expected 5"]),
+    ("rewards short", _rows("episode_0", "rewards", 3), None,
+     ["episode 'episode_0'", "'rewards'", "3 rows", "'actions' has 4"]),
+    ("widths disagree", lambda e: e["episode_10"].update(observations=np.zeros((6, 4))), None,
+     ["episode 'episode_10'", "'observations'", "(6, 4)", "'episode_0'"]),
+    ("no episodes", lambda e: e.clear(), None, ["no 'episode_*' groups"]),
+]
+
+
+@pytest.mark.parametrize("change, dict_obs, words", [case[1:] for case in MINARI_BAD],
+                         ids=[case[0] for case in MINARI_BAD])
+def test_read_minari_hdf5_refuses_bad_episodes_in_one_line(tmp_path, change, dict_obs, words):
+    episodes = minari_episodes()
+    change(episodes)
+    file = tmp_path / "data" / "main_data.hdf5"
+    write_minari(file, episodes, observations_as_group=dict_obs)
+    for path in (tmp_path, file):
+        msg = one_line_error(f"dataset {file}", lambda: read_minari_hdf5(path))
+        for word in words:
+            assert word in msg, msg
+
+
+def test_read_minari_hdf5_refuses_a_directory_without_data_and_a_non_hdf5_file(tmp_path):
+    msg = one_line_error(f"dataset {tmp_path}:", lambda: read_minari_hdf5(tmp_path))
+    assert "data/main_data.hdf5" in msg
+
+    not_hdf5 = tmp_path / "data" / "main_data.hdf5"
+    not_hdf5.parent.mkdir()
+    not_hdf5.write_bytes(b"this is not an HDF5 file\n" * 10)
+    for path in (tmp_path, not_hdf5):
+        msg = one_line_error(f"dataset {not_hdf5}", lambda: read_minari_hdf5(path))
+        assert "HDF5" in msg

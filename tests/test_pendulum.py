@@ -11,8 +11,8 @@ import torch
 
 from pipelines.pendulum import (DATASETS, EPISODE_STEPS, EXPERT_RETURN, MAX_TORQUE,
                                 RANDOM_RETURN, Config, PendulumTask, dataset_digest,
-                                generate_dataset, normalized_score, reference_returns,
-                                run_episodes, scripted_policy)
+                                episode_returns, generate_dataset, normalized_score,
+                                reference_returns, run_episodes, scripted_policy)
 from rtb_ray.config import ConfigError, load_config
 from rtb_ray.loop import check_config_for_task
 from rtb_ray.offline_rl import D4RL_KEYS, write_d4rl_npz
@@ -170,7 +170,7 @@ def test_the_prior_checkpoint_holds_prior_critic_and_figures(tmp_path, cache_dir
     target = torch.stack([fresh.stats["prior_samples"][i, picks[i]] for i in range(4)])
     m = fresh.evaluate(target.reshape(-1, 1), states.repeat_interleave(4096, 0))
     assert m["q_gap_ratio"] < 0.3, m
-    with pytest.raises(ValueError, match="states of dimension 2; Pendulum's are 3"):
+    with pytest.raises(ValueError, match="states of dimension 2; Pendulum-v1's are 3"):
         fresh.log_reward(x, torch.zeros(4, 2))
 
 
@@ -185,7 +185,7 @@ def test_a_prior_of_another_state_dimension_is_refused(tmp_path):
     task = tiny_task(tmp_path, prior_checkpoint=str(tmp_path / "b.pt"))
     with pytest.raises(ValueError, match=re.escape(
             f"prior_checkpoint {tmp_path / 'b.pt'}: a prior over states of dimension 2; "
-            f"Pendulum's are 3 (refused)")):
+            f"Pendulum-v1's are 3 (refused)")):
         task.prior()
 
 
@@ -211,4 +211,91 @@ def test_a_tiny_run_writes_scores_and_a_rollout_picture(tmp_path):
     for key in ("score", "score_std", "q_gap_ratio", "log_z_error_max", "prior_score"):
         assert np.isfinite(final[key]), key
     assert final["failed_episodes"] == 0
+    assert (run / "eval" / "step_10.png").stat().st_size > 0
+
+
+# -- Tier C: D4RL's MuJoCo locomotion, behind task.env --------------------------------------------
+D4RL_CONFIG = ROOT / "pipelines" / "configs" / "d4rl.yaml"
+
+
+def hopper_like(lengths=(30, 50), seed=0) -> dict[str, np.ndarray]:
+    """D4RL-keyed transitions shaped as hopper's: episode 0 ends by a terminal (a fall), the
+    others by a timeout."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for i, n in enumerate(lengths):
+        obs = rng.normal(size=(n + 1, 11)).astype(np.float32)
+        end = np.zeros(n, dtype=bool)
+        end[-1] = True
+        parts.append({"observations": obs[:-1], "next_observations": obs[1:],
+                      "actions": rng.uniform(-1, 1, (n, 3)).astype(np.float32),
+                      "rewards": rng.normal(1, 0.1, n).astype(np.float32),
+                      "terminals": end if i == 0 else ~end & end,
+                      "timeouts": ~end & end if i == 0 else end})
+    return {k: np.concatenate([p[k] for p in parts]) for k in D4RL_KEYS}
+
+
+def write_hdf5(path, data):
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(path, "w") as f:
+        for key, value in data.items():
+            f.create_dataset(key, data=value)
+    return path
+
+
+def test_generated_datasets_are_pendulum_only():
+    with pytest.raises(ConfigError, match="dataset: 'medium-replay' is generated for pendulum "
+                                          "only; env hopper needs d4rl:<file> or minari:<dir>"):
+        load_config(CONFIG, ["task.env=hopper"])
+
+
+def test_a_hopper_file_of_pendulum_shape_is_refused(tmp_path):
+    path = write_hdf5(tmp_path / "pendulum.hdf5", good_arrays())
+    with pytest.raises(ConfigError, match="'observations'.*11"):
+        load_config(D4RL_CONFIG, [f"task.dataset=d4rl:{path}"])
+
+
+def test_episode_returns_split_at_terminals_and_timeouts():
+    data = hopper_like((3, 4))
+    expected = [data["rewards"][:3].sum(), data["rewards"][3:].sum()]
+    assert episode_returns(data) == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_minari_dataset_feeds_the_task(tmp_path):
+    """Minari's layout (an episode per group, T + 1 observations) becomes D4RL's rows."""
+    h5py = pytest.importorskip("h5py")
+    data = good_arrays()  # one 200-step episode: split in two
+    (tmp_path / "ds" / "data").mkdir(parents=True)
+    with h5py.File(tmp_path / "ds" / "data" / "main_data.hdf5", "w") as f:
+        for i, rows in enumerate((slice(0, 80), slice(80, 200))):
+            g = f.create_group(f"episode_{i}")
+            obs = data["observations"][rows]
+            g.create_dataset("observations", data=np.concatenate(
+                [obs, data["next_observations"][rows][-1:]]))
+            g.create_dataset("actions", data=data["actions"][rows])
+            g.create_dataset("rewards", data=data["rewards"][rows])
+            g.create_dataset("terminations", data=data["terminals"][rows])
+            g.create_dataset("truncations", data=np.arange(obs.shape[0]) == obs.shape[0] - 1)
+    task = tiny_task(tmp_path, dataset=f"minari:{tmp_path / 'ds'}")
+    assert task.config.dataset == f"minari:{tmp_path / 'ds'}"
+    for key in ("observations", "actions", "rewards", "next_observations"):
+        assert np.array_equal(task.data()[key], data[key]), key
+    assert task.data()["timeouts"].sum() == 2
+
+
+def test_a_tiny_hopper_run_trains_on_a_d4rl_file_and_rolls_out_in_mujoco(tmp_path):
+    pytest.importorskip("mujoco")
+    path = write_hdf5(tmp_path / "hopper_medium-v2.hdf5", hopper_like())
+    cfg = load_config(D4RL_CONFIG, [f"task.dataset=d4rl:{path}"])
+    assert (cfg.task.env, cfg.train.objective.beta, cfg.train.group_size) == ("hopper", 10, 64)
+    check_config_for_task(cfg, PendulumTask(cfg.task))
+    run = tmp_path / "run"
+    rtb_ray("train", str(D4RL_CONFIG), "--in-process", "--no-progress", "--output", str(run),
+            *sets(SMALL + [f"task.dataset=d4rl:{path}", "train.group_size=16",
+                           "runtime.workers={posterior: 1, prior: 1, dataset: 1}",
+                           "runtime.learner_num_gpus=0", "torch_threads=1"]),
+            cache=tmp_path, check=True)
+    final = json.loads((run / "final_eval.json").read_text())
+    assert np.isfinite(final["score"]) and final["failed_episodes"] == 0
+    assert np.isfinite(final["q_gap_ratio"])
     assert (run / "eval" / "step_10.png").stat().st_size > 0
