@@ -30,7 +30,7 @@ from rtb_ray.loop import check_config_for_task, stop_on_signals
 from rtb_ray.roles import ROLE_NAMES
 from rtb_ray.run_dir import check_run_dir, load_run_checkpoint, write_json
 from rtb_ray.tasks import Task, make_task, task_runtime_env
-from rtb_ray.tracking import end_recorded_run
+from rtb_ray.tracking import TrackingRequest, end_recorded_run, tracking_request
 
 
 def run_id(output: Path) -> str:
@@ -68,10 +68,14 @@ def _progress_postfix(status: dict[str, Any], metrics: dict[str, float]) -> dict
 
 
 def train_on_ray(cfg: RunConfig, output: Path, *, address: str | None = None,
-                 resume: bool = False, tracking_uri: str | None = None,
+                 resume: bool = False, tracking: TrackingRequest | None = None,
                  progress: bool = True) -> int:
-    """Run training on Ray; returns the exit status (0 done, 130 interrupted, 1 failed)."""
+    """Run training on Ray; returns the exit status (0 done, 130 interrupted, 1 failed).
+    ``tracking`` (default: this process's command line environment) travels to the learner,
+    which has neither the driver's environment nor its working directory."""
     output = Path(output)
+    if tracking is None and cfg.tracking.enabled:
+        tracking = tracking_request()
     if cfg.device == "cuda" and cfg.runtime.learner_num_gpus == 0:
         # the learner uses the GPU Ray gives it: without one it would train on the CPU silently
         raise ConfigError("device: cuda on Ray needs runtime.learner_num_gpus >= 1 (or use "
@@ -91,7 +95,7 @@ def train_on_ray(cfg: RunConfig, output: Path, *, address: str | None = None,
         # Ctrl-C and SIGTERM (`ray job stop`, a batch system) ask the learner to checkpoint and
         # stop; set after ray.init, whose failure-signal handler would end the driver without one
         with stop_on_signals(stop):
-            return _train(cfg, output, run, names, resume, tracking_uri, prior_file, progress,
+            return _train(cfg, output, run, names, resume, tracking, prior_file, progress,
                           task.progress_metrics, stop)
     finally:
         ray.shutdown()
@@ -100,23 +104,23 @@ def train_on_ray(cfg: RunConfig, output: Path, *, address: str | None = None,
 
 
 def _train(cfg: RunConfig, output: Path, run: str, names: dict[str, str], resume: bool,
-           tracking_uri: str | None, prior_file: bytes | None, progress: bool,
+           tracking: TrackingRequest | None, prior_file: bytes | None, progress: bool,
            eval_keys: tuple[str, ...], stop: threading.Event) -> int:
     """Start the run's actors, watch the learner to the end, then stop the workers and seal
     the store."""
     _wait_until_gone(names.values())
     start_learner, weights, coordinator, store = _start_actors(
-        cfg, output, run, names, tracking_uri, prior_file)
+        cfg, output, run, names, tracking, prior_file)
     try:
         learner = start_learner(resume)
-        tracking = ray.get(learner.tracking.remote())
+        described = ray.get(learner.tracking.remote())
     except ray.exceptions.RayActorError as err:
         print(f"rtb-ray: error: the learner failed to start: {first_line(err)}", file=sys.stderr)
         return 1
     print(f"run directory: {output}  (Ray: {ray.get_runtime_context().gcs_address}, run {run})")
     print(f"  watch and scale it: rtb-ray status {output}; rtb-ray scale {output} --workers N")
-    if tracking is not None:
-        print(tracking)
+    if described is not None:
+        print(described)
     code = _watch(learner, start_learner, weights, coordinator, cfg, output, progress,
                   eval_keys, stop)
     final_status = ray.get(coordinator.stop.remote())
@@ -146,7 +150,7 @@ def _wait_until_gone(names: Any, timeout_s: float = 60.0) -> None:
 
 
 def _start_actors(cfg: RunConfig, output: Path, run: str, names: dict[str, str],
-                  tracking_uri: str | None, prior_file: bytes | None
+                  tracking: TrackingRequest | None, prior_file: bytes | None
                   ) -> tuple[Callable[[bool], Any], Any, Any, Any]:
     """The store, weight store and coordinator on this (the driver's) node, and how to start a
     learner (``start_learner(resume)``; on this node too unless it wants a GPU)."""
@@ -166,7 +170,7 @@ def _start_actors(cfg: RunConfig, output: Path, run: str, names: dict[str, str],
         return LearnerActor.options(
             name=names["learner"], num_cpus=rt.learner_num_cpus, num_gpus=rt.learner_num_gpus,
             scheduling_strategy=head if rt.learner_num_gpus == 0 else "DEFAULT",
-        ).remote(cfg, str(output.resolve()), store, weights, coordinator, resume, tracking_uri)
+        ).remote(cfg, str(output.resolve()), store, weights, coordinator, resume, tracking)
 
     return start_learner, weights, coordinator, store
 

@@ -19,6 +19,7 @@ from rtb_ray.metrics import staleness, staleness_quantiles
 from rtb_ray.networks import own_state
 from rtb_ray.replay import ReplayDiskError, SampleTimeout
 from rtb_ray.roles import training_mixture
+from rtb_ray.tracking import TrackingRequest
 from rtb_ray.trajectory import TrajectoryBatch
 
 
@@ -94,7 +95,7 @@ class StoreBatches:
 @ray.remote(num_cpus=1, max_concurrency=2)
 class LearnerActor:
     def __init__(self, cfg: RunConfig, output: str, store: Any, weights: Any, coordinator: Any,
-                 resume: bool, tracking_uri: str | None) -> None:
+                 resume: bool, tracking: TrackingRequest | None) -> None:
         context = ray.get_runtime_context()
         resources = context.get_assigned_resources()
         device = "cuda" if resources.get("GPU", 0) and torch.cuda.is_available() else "cpu"
@@ -102,7 +103,7 @@ class LearnerActor:
                                 torch_threads=max(1, int(resources.get("CPU", 1))))
         self.batches = StoreBatches(cfg, store, weights, coordinator)
         self.batches.publish(self.run.learner)  # version 0, or the checkpoint's on resume
-        self.run.run_dir.start(tracking_uri, ray_address=context.gcs_address)
+        self.run.run_dir.start(tracking, ray_address=context.gcs_address)
         self.stop_requested = threading.Event()
 
     def train(self) -> dict[str, Any]:

@@ -64,8 +64,10 @@ class Run:
         self.log = open(path.parent / "driver.log", "a")
 
     def start(self, resume: bool) -> None:
+        # its MLflow runs beside its output, not in ./mlflow.db of the repository (the default)
         args = [sys.executable, "-m", "rtb_ray.cli", "train", str(CONFIG), "--no-progress",
-                "--address", self.address, "--output", str(self.path)]
+                "--address", self.address, "--output", str(self.path), "--tracking-uri",
+                f"sqlite:///{(self.path.parent / 'mlflow.db').resolve()}"]
         if resume:
             args += ["--resume", str(self.path)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # a user's

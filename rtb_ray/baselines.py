@@ -21,15 +21,16 @@ from tqdm.auto import tqdm
 from rtb_ray.config import RunConfig, config_to_dict
 from rtb_ray.tasks import Task, conditional
 from rtb_ray.run_dir import write_json
-from rtb_ray.tracking import open_run_tracker
+from rtb_ray.tracking import TrackingRequest, open_run_tracker
 from rtb_ray.transitions import GuidedFamily
 
 
 def guidance_sweep(cfg: RunConfig, task: Task, output: Path, scales: list[float], n: int,
-                   tracking_uri: str | None = None, chunk: int = 1000) -> dict:
+                   tracking: TrackingRequest | None = None, chunk: int = 1000) -> dict:
     """Evaluate guided prior samples of ``task`` (made from ``cfg.task``) at every scale; writes
     ``output/guidance_eval.json`` (every scale, and the best by ``task.baseline_metric``) and a
-    sample grid per scale, also to MLflow."""
+    sample grid per scale, also to an MLflow run (tagged ``method=guidance``) where
+    ``tracking`` says (default: this process's command line environment)."""
     family = task.family
     if not isinstance(family, GuidedFamily):
         raise ValueError(f"guidance needs a family with an x̂_0 estimate (a GuidedFamily, e.g. "
@@ -43,8 +44,8 @@ def guidance_sweep(cfg: RunConfig, task: Task, output: Path, scales: list[float]
         raise FileExistsError(f"{output} already holds a guidance sweep")
     (output / "eval").mkdir(parents=True, exist_ok=True)
     (output / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tracker = (open_run_tracker(output, cfg, task.name, resume=False,
-                                tracking_uri=tracking_uri)
+    tracker = (open_run_tracker(output, cfg, task.name, resume=False, request=tracking,
+                                method="guidance")
                if cfg.tracking.enabled else None)
     status = "FAILED"
     try:

@@ -8,11 +8,15 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # torch is imported by the commands that use it: `rtb-ray status` answers in about a second
 from rtb_ray.config import (MAX_WORKERS_PER_ROLE, ConfigError, RunConfig, apply_overrides,
                             check_worker_counts, load_config, validate_config)
 from rtb_ray.roles import ROLE_NAMES
+
+if TYPE_CHECKING:
+    from rtb_ray.tracking import TrackingRequest
 
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
 
@@ -29,6 +33,12 @@ EPILOG = """examples:
   rtb-ray train pipelines/configs/digits_even.yaml --output runs/digits-even
   rtb-ray guidance pipelines/configs/digits_even.yaml --output runs/digits-even-guidance
   rtb-ray sample runs/gmm25 --n 10000 --out samples.npz
+  rtb-ray train pipelines/configs/gmm25.yaml --register gmm25-posterior
+  rtb-ray sample models:/gmm25-posterior/1 --n 10000 --out samples.npz
+
+MLflow: runs go to --tracking-uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db (one store for
+the runs started in a directory; `mlflow ui` there opens it); the experiment is --experiment,
+else $MLFLOW_EXPERIMENT_NAME, else the task name. --resume keeps the run's own store.
 """
 
 
@@ -67,13 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--tracking-uri", metavar="URI",
                        help="MLflow tracking URI, e.g. http://host:5000 or "
-                            "sqlite:////abs/mlflow.db (default: the SQLite file mlflow.db in the "
-                            "run directory; on --resume, the store the run was started with)")
+                            "sqlite:////abs/mlflow.db (default: $MLFLOW_TRACKING_URI, else the "
+                            "SQLite file mlflow.db in the working directory; on --resume, the "
+                            "store the run was started in)")
     where.add_argument("--no-mlflow", action="store_true",
                        help="no MLflow tracking (same as --set tracking.enabled=false)")
     p.add_argument("--experiment", metavar="NAME",
-                   help="MLflow experiment (same as --set tracking.experiment=NAME; default: the "
-                        "task name)")
+                   help="MLflow experiment (same as --set tracking.experiment=NAME; default: "
+                        "$MLFLOW_EXPERIMENT_NAME, else the task name)")
+    p.add_argument("--register", metavar="NAME",
+                   help="register the final posterior in the MLflow model registry as NAME (a "
+                        "new version each time; same as --set tracking.register_as=NAME); sample "
+                        "it with `rtb-ray sample models:/NAME/VERSION`")
     _add_overrides(p)
 
     p = sub.add_parser("status", help="show a live run: workers, versions, throughput, replay",
@@ -120,15 +135,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated guidance scales λ (default 0,0.1,0.2,0.5,1,2)")
     p.add_argument("--n", type=int, default=2000, help="samples per scale (default 2000)")
     p.add_argument("--tracking-uri", metavar="URI",
-                   help="MLflow tracking URI (default: mlflow.db in --output)")
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else mlflow.db in "
+                        "the working directory)")
     _add_overrides(p)
 
-    p = sub.add_parser("sample", help="export posterior samples of a run",
-                       description="Sample the run's latest posterior and save x and "
+    p = sub.add_parser("sample",
+                       help="export posterior samples of a run or a registered model",
+                       description="Sample the run's latest posterior (or a posterior in the "
+                                   "MLflow model registry) and save x and "
                                    "logw = β log r + Σ log p_prior − Σ log p_φ to an .npz file "
                                    "(and cond, each sample's condition, for a conditional task: "
                                    "drawn as training draws them).")
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("source", metavar="RUN",
+                   help="a run directory, or a model: models:/NAME/VERSION (registered with "
+                        "train --register), models:/NAME@ALIAS, models:/NAME/latest, or the "
+                        "models:/<id> a run printed")
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="the MLflow store that holds a models:/ URI (default: "
+                        "$MLFLOW_TRACKING_URI, else mlflow.db in the working directory)")
     p.add_argument("--n", type=int, default=10_000, help="number of samples (default 10000)")
     p.add_argument("--out", type=Path, required=True, help="output file (.npz is added when missing)")
     p.add_argument("--seed", type=int, default=0)
@@ -159,18 +183,22 @@ def tracking_overrides(args: argparse.Namespace) -> list[str]:
         out.append("tracking.enabled=false")
     if args.experiment is not None:
         out.append(f"tracking.experiment={json.dumps(args.experiment)}")  # JSON is YAML: a string
+    if args.register is not None:
+        out.append(f"tracking.register_as={json.dumps(args.register)}")
     return out
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from rtb_ray import pretrain
     from rtb_ray.loop import set_torch_threads
-    from rtb_ray.tracking import normalize_tracking_uri
+    from rtb_ray.tracking import tracking_request
 
     cfg = load_config(args.config, args.overrides + tracking_overrides(args))
+    # here, before anything is written: the flag, the environment and the working directory of
+    # the user's shell (a Ray learner has neither)
+    tracking = tracking_request(args.tracking_uri) if cfg.tracking.enabled else None
     set_torch_threads(cfg)  # on Ray too: the driver pretrains a missing prior
     pretrain.PROGRESS_BARS = not args.no_progress  # the bars of task.prior()'s pretraining
-    tracking_uri = normalize_tracking_uri(args.tracking_uri) if args.tracking_uri else None
     output = args.output
     if isinstance(args.resume, str):
         if output is not None and output.resolve() != Path(args.resume).resolve():
@@ -189,14 +217,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         from actors.driver import train_on_ray
 
         return train_on_ray(cfg, output, address=args.address, resume=resume,
-                            tracking_uri=tracking_uri, progress=not args.no_progress)
+                            tracking=tracking, progress=not args.no_progress)
     if args.address is not None:
         raise ConfigError("--address and --in-process exclude each other")
-    return train_in_process(cfg, output, resume, tracking_uri, progress=not args.no_progress)
+    return train_in_process(cfg, output, resume, tracking, progress=not args.no_progress)
 
 
-def train_in_process(cfg: RunConfig, output: Path, resume: bool, tracking_uri: str | None,
-                     progress: bool) -> int:
+def train_in_process(cfg: RunConfig, output: Path, resume: bool,
+                     tracking: TrackingRequest | None, progress: bool) -> int:
     """The roles inline, the loop, one process (rtb_ray/batches.py InlineBatches)."""
     from rtb_ray.batches import InlineBatches
     from rtb_ray.evaluation import format_eval
@@ -205,7 +233,7 @@ def train_in_process(cfg: RunConfig, output: Path, resume: bool, tracking_uri: s
 
     run = prepare(cfg, output, resume=resume)
     batches = InlineBatches(cfg, Sampler(run.task, run.learner.prior, run.learner.posterior))
-    run.run_dir.start(tracking_uri)
+    run.run_dir.start(tracking)
     print(f"run directory: {output}")
     if run.run_dir.tracker is not None:
         print(run.run_dir.tracker.describe())
@@ -248,19 +276,31 @@ def split_workers(total: int, shares: dict[str, int]) -> dict[str, int]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from actors.session import connect
+    from rtb_ray.tracking import open_hint, read_run_record, redact_uri
 
+    record = read_run_record(args.run_dir)  # the store the run used, wherever it was started
+    mlflow = None
+    if record is not None and "experiment_id" in record:
+        mlflow = (f"MLflow: run {record['run_id']}; open it with\n  "
+                  f"{open_hint(record['tracking_uri'], record['experiment_id'], record['run_id'])}")
     try:
         _, coordinator = connect(args.run_dir)
-    except RuntimeError as err:
+    except RuntimeError as err:  # ended or unreachable: where its MLflow run is still helps
         print(f"rtb-ray: {err}", file=sys.stderr)
+        if mlflow is not None and not args.json:
+            print(mlflow)
         return 1
     import ray
 
     status = ray.get(coordinator.status.remote())
     if args.json:
+        if record is not None:
+            status["mlflow"] = {**record, "tracking_uri": redact_uri(record["tracking_uri"])}
         print(json.dumps(status, indent=2))
         return 0
     print(format_status(status))
+    if mlflow is not None:
+        print(mlflow)
     return 0
 
 
@@ -344,7 +384,7 @@ def cmd_guidance(args: argparse.Namespace) -> int:
     from rtb_ray.baselines import guidance_sweep
     from rtb_ray.loop import set_torch_threads
     from rtb_ray.tasks import make_task
-    from rtb_ray.tracking import normalize_tracking_uri
+    from rtb_ray.tracking import tracking_request
 
     try:
         scales = [float(s) for s in args.scales.split(",")]
@@ -355,10 +395,10 @@ def cmd_guidance(args: argparse.Namespace) -> int:
     if args.n < 2:
         raise ConfigError("--n must be >= 2")
     cfg = load_config(args.config, args.overrides)
+    tracking = tracking_request(args.tracking_uri) if cfg.tracking.enabled else None
     set_torch_threads(cfg)
-    uri = normalize_tracking_uri(args.tracking_uri) if args.tracking_uri else None
     task = make_task(cfg.task)
-    result = guidance_sweep(cfg, task, args.output, scales, args.n, tracking_uri=uri)
+    result = guidance_sweep(cfg, task, args.output, scales, args.n, tracking=tracking)
     for row in result["scales"]:
         print(" ".join(f"{k}={row[k]:.4g}" for k in ("guidance_scale", "mean_log_reward",
                                                       *task.progress_metrics) if k in row))
@@ -368,6 +408,34 @@ def cmd_guidance(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    import tempfile
+
+    if args.n < 1:
+        raise ConfigError("--n must be >= 1")
+    if not args.source.startswith("models:/"):
+        if args.tracking_uri:
+            raise ConfigError("--tracking-uri: only for a models:/ URI (a run directory is "
+                              "sampled from its own files)")
+        run = Path(args.source)
+        if not (run / "config.yaml").exists():
+            raise ConfigError(f"{run} is not a run directory (no config.yaml)")
+        return sample_posterior(run / "config.yaml", run / "checkpoint.pt", args)
+    from rtb_ray.run_dir import MODEL_FILES
+    from rtb_ray.tracking import download_model_files, tracking_request, tracking_target
+
+    # the same store rule as train's, so that a model registered here is found here
+    uri = tracking_target(tracking_request(args.tracking_uri)).uri
+    with tempfile.TemporaryDirectory() as tmp:
+        files = download_model_files(args.source, uri, MODEL_FILES, Path(tmp))
+        if not (files / "config.yaml").is_file():
+            raise ConfigError(f"{args.source}: no {MODEL_FILES}/config.yaml in the model: not a "
+                              f"posterior logged by rtb-ray train")
+        return sample_posterior(files / "config.yaml", files / "posterior.pt", args)
+
+
+def sample_posterior(cfg_path: Path, weights: Path, args: argparse.Namespace) -> int:
+    """``rtb-ray sample``: rebuild the task, prior and posterior from a run's config and its
+    checkpoint (a run directory) or posterior file (a logged model), sample, save the .npz."""
     import numpy as np
     import torch
 
@@ -375,22 +443,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from rtb_ray.loop import set_torch_threads
     from rtb_ray.networks import load_own_state
     from rtb_ray.rollout import Sampler
-    from rtb_ray.run_dir import load_run_checkpoint
+    from rtb_ray.run_dir import load_posterior_file, load_run_checkpoint
     from rtb_ray.tasks import make_task
     from rtb_ray.trajectory import Source
 
-    if args.n < 1:
-        raise ConfigError("--n must be >= 1")
-    cfg_path = args.run_dir / "config.yaml"
-    if not cfg_path.exists():
-        raise ConfigError(f"{args.run_dir} is not a run directory (no config.yaml)")
     cfg = load_config(cfg_path)
     set_torch_threads(cfg)
     task = make_task(cfg.task)
     prior = task.prior()
     posterior = make_posterior(prior, cfg.train.adapter, task)
-    ckpt = load_run_checkpoint(args.run_dir / "checkpoint.pt", task.name, (posterior, prior))
-    load_own_state(posterior, prior, ckpt["learner"]["posterior"])
+    if weights.name == "checkpoint.pt":
+        learner = load_run_checkpoint(weights, task.name, (posterior, prior))["learner"]
+        state, step = learner["posterior"], learner["step"]
+    else:
+        saved = load_posterior_file(weights, task.name, (posterior, prior))
+        state, step = saved["posterior"], saved["step"]
+    load_own_state(posterior, prior, state)
     batch = Sampler(task, prior, posterior).rollout(
         Source.POSTERIOR, args.n, generator=torch.Generator().manual_seed(args.seed))
     logw = cfg.train.objective.beta * batch.log_reward + batch.log_prior - batch.log_behaviour
@@ -399,8 +467,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     cond = {} if batch.cond is None else {"cond": batch.cond.numpy()}  # each row's condition
     np.savez(out, x=batch.terminal.numpy(), logw=logw.numpy(), log_reward=batch.log_reward.numpy(),
              **cond)
-    print(f"wrote {args.n} samples to {out} (step {ckpt['learner']['step']}, "
-          f"mean logw {logw.mean().item():.4f})")
+    print(f"wrote {args.n} samples to {out} (step {step}, mean logw {logw.mean().item():.4f})")
     return 0
 
 

@@ -178,14 +178,41 @@ class EvalConfig(Strict):
 
 
 class TrackingConfig(Strict):
-    """MLflow tracking of a run (where it is stored is a flag: ``--tracking-uri``)."""
+    """MLflow tracking of a run (where it is stored is not a setting: ``--tracking-uri``, else
+    ``MLFLOW_TRACKING_URI``, else ``./mlflow.db``; rtb_ray/tracking.py ``tracking_target``)."""
 
     enabled: bool = True
     experiment: str | None = Field(
-        None, min_length=1, max_length=500, description="MLflow experiment (default: the task name)"
+        None, min_length=1, max_length=500,
+        description="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else the task name)"
     )
     log_checkpoints: bool = Field(False, description="upload checkpoint.pt at every checkpoint")
     log_model: bool = Field(True, description="log the final posterior with the PyTorch flavour")
+    register_as: str | None = Field(
+        None, max_length=256,  # the registry's column (MLflow's SQL schema)
+        description="register the final posterior in the MLflow model registry under this name"
+    )
+
+    @field_validator("register_as")
+    @classmethod
+    def _model_name(cls, v: str | None) -> str | None:
+        if v is not None:  # MLflow's own rule, so that a name it would refuse fails before training
+            from mlflow.exceptions import MlflowException
+            from mlflow.utils.validation import _validate_model_name
+
+            try:
+                _validate_model_name(v)
+            except MlflowException as err:
+                raise ValueError(err.message) from None
+        return v
+
+    @model_validator(mode="after")
+    def _registered_model_is_logged(self) -> "TrackingConfig":
+        if self.register_as is not None and not (self.enabled and self.log_model):
+            raise ValueError(f"register_as ({self.register_as!r}) needs the posterior logged "
+                             f"to MLflow (tracking.enabled and tracking.log_model true, no "
+                             f"--no-mlflow)")
+        return self
 
 
 class ReplayConfig(Strict):

@@ -27,7 +27,7 @@ from rtb_ray.evaluation import Evaluator, format_eval
 from rtb_ray.learner import Learner
 from rtb_ray.log_z import make_log_z
 from rtb_ray.metrics import importance_metrics, sir_indices
-from rtb_ray.networks import LoRALinear
+from rtb_ray.networks import LoRALinear, own_state
 from rtb_ray.objectives import scaled_log_reward
 from rtb_ray.replay import ReplayDiskError
 from rtb_ray.run_dir import RunDir, write_json
@@ -203,7 +203,8 @@ def train(run: Run, batches: BatchSource, *, progress: bool = True,
             "adapted_layers": sum(isinstance(m, LoRALinear) for m in posterior.modules())})
     try:
         final = _loop(run, batches, progress, stop or threading.Event())
-        run.run_dir.finish(final, run.learner.posterior, run.evaluator.input_example())
+        run.run_dir.finish(final, run.learner.posterior, run.evaluator.input_example(),
+                           own_state(run.learner.posterior, run.learner.prior))
         status = "FINISHED"
         return final
     except KeyboardInterrupt:

@@ -2,14 +2,18 @@
 MLflow run, for both runtimes. MLflow gets the same rows as ``metrics.jsonl`` (``train/<key>``
 and ``eval/<key>`` at the learner step), the eval pictures, JSON (and a task's samples as text,
 ``.txt``, where it writes them) under ``eval/``, the config,
-and at the end ``final_eval.json``, ``metrics.jsonl`` and the posterior (PyTorch flavour)."""
+and at the end ``final_eval.json``, ``metrics.jsonl`` and the posterior (PyTorch flavour,
+carrying ``rtb_ray/config.yaml`` and ``rtb_ray/posterior.pt``: what ``rtb-ray sample models:/...``
+rebuilds it from), registered in the model registry with ``tracking.register_as``."""
 
 from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +26,13 @@ from rtb_ray.config import RunConfig, config_to_dict
 from rtb_ray.log_z import check_log_z_kind
 from rtb_ray.networks import own_state_to_load
 from rtb_ray.pretrain import atomic_torch_save, read_checkpoint
-from rtb_ray.tracking import MlflowTracker, open_run_tracker
+from rtb_ray.tracking import MlflowTracker, TrackingRequest, open_run_tracker
 
 CHECKPOINT_FORMAT = "rtb-ray-run/1"
+# the posterior's own weights alone, in the logged model: a checkpoint without what resuming needs
+POSTERIOR_FORMAT = "rtb-ray-posterior/1"
+MODEL_FILES = "rtb_ray"  # the folder of the logged model that holds them, with config.yaml
+MAX_VERSION_TAGS = 40  # final metrics on a registered version: the first ones, past the detail
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -54,6 +62,32 @@ def load_run_checkpoint(path: Path, task: str,
     if log_z_kind is not None:
         check_log_z_kind(ckpt["learner"], log_z_kind)
     return ckpt
+
+
+def load_posterior_file(path: Path, task: str,
+                        networks: tuple[torch.nn.Module, torch.nn.Module]) -> dict:
+    """A posterior file (``POSTERIOR_FORMAT``: ``task``, ``step``, ``posterior``, its own
+    weights) of a logged model, refused with a ValueError as ``load_run_checkpoint`` refuses."""
+    ckpt = read_checkpoint(path, "an rtb-ray posterior")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != POSTERIOR_FORMAT:
+        raise ValueError(f"{path} is not an rtb-ray posterior")
+    if ckpt["task"] != task:
+        raise ValueError(f"{path} is a posterior of task {ckpt['task']!r}, not {task!r}")
+    try:
+        own_state_to_load(ckpt["posterior"], *networks)
+    except ValueError as err:
+        raise ValueError(f"{path} holds a posterior of another shape than its config's "
+                         f"network ({err})") from None
+    return ckpt
+
+
+def version_tags(final: dict[str, Any]) -> dict[str, float]:
+    """A registered version's tags: the final evaluation's finite numbers as ``eval/<key>`` (the
+    run's metric names), the first ``MAX_VERSION_TAGS`` in the evaluation's order (its summary
+    comes first, per-condition and per-mode detail after)."""
+    numbers = {f"eval/{k}": float(v) for k, v in final.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return dict(list(numbers.items())[:MAX_VERSION_TAGS])
 
 
 LOCK_FILE = ".lock"
@@ -132,9 +166,11 @@ class RunDir:
                            tracking_s=clock.get("tracking_s", 0.0))
         return ckpt
 
-    def start(self, tracking_uri: str | None = None, ray_address: str | None = None) -> None:
+    def start(self, tracking: TrackingRequest | None = None, ray_address: str | None = None
+              ) -> None:
         """Write config.yaml and open the MLflow run (last, so that a run that fails to start
-        leaves no MLflow run behind)."""
+        leaves no MLflow run behind) where ``tracking`` (taken where the command line was read;
+        default: this process's) says."""
         (self.output / "eval").mkdir(parents=True, exist_ok=True)
         self._lock = _lock(self.output)  # one live writer per run directory, held until close
         if self._lock is None:
@@ -146,8 +182,8 @@ class RunDir:
             yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
         if self.cfg.tracking.enabled:
             self.tracker = open_run_tracker(self.output, self.cfg, self.task_name,
-                                            resume=self.resume,
-                                            tracking_uri=tracking_uri, ray_address=ray_address)
+                                            resume=self.resume, request=tracking,
+                                            ray_address=ray_address)
             if self.resumed_at is not None:
                 self.tracker.set_tags({"resumed_at_step": self.resumed_at})
 
@@ -192,20 +228,40 @@ class RunDir:
         return metrics
 
     def finish(self, final: dict[str, float], posterior: torch.nn.Module,
-               input_example: dict[str, torch.Tensor]) -> None:
-        """``final_eval.json`` and the end-of-run artifacts: after the loop, never on its path."""
+               input_example: dict[str, torch.Tensor], own_weights: dict[str, torch.Tensor]
+               ) -> None:
+        """``final_eval.json`` and the end-of-run artifacts: after the loop, never on its path.
+        The logged model carries ``own_weights`` (``own_state``) and the config, so that
+        ``rtb-ray sample models:/...`` rebuilds the posterior as from the run directory."""
         write_json(self.output / "final_eval.json", final)
         if self.tracker is None:
             return
         self.tracker.log_artifact(self.output / "final_eval.json")
         self.tracker.log_artifact(self.output / "metrics.jsonl")
-        if self.cfg.tracking.log_model:
+        if not self.cfg.tracking.log_model:
+            return
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                weights = Path(tmp) / "posterior.pt"
+                torch.save({"format": POSTERIOR_FORMAT, "task": self.task_name,
+                            "step": int(final["step"]),
+                            "posterior": {k: v.detach().cpu() for k, v in own_weights.items()}},
+                           weights)
+                uri = self.tracker.log_pytorch_model(
+                    posterior, input_example, name="posterior", step=int(final["step"]),
+                    extra_files={f"{MODEL_FILES}/config.yaml": self.output / "config.yaml",
+                                 f"{MODEL_FILES}/posterior.pt": weights})
+            print(f"MLflow: posterior logged as {uri}")
+        except Exception as err:  # the run's results are already on disk: warn, do not fail
+            print(f"rtb-ray: warning: could not log the posterior to MLflow: {err}")
+            return
+        if (name := self.cfg.tracking.register_as) is not None:
             try:
-                uri = self.tracker.log_pytorch_model(posterior, input_example, name="posterior",
-                                                     step=int(final["step"]))
-                print(f"MLflow: posterior logged as {uri}")
-            except Exception as err:  # the run's results are already on disk: warn, do not fail
-                print(f"rtb-ray: warning: could not log the posterior to MLflow: {err}")
+                print(f"MLflow: posterior registered as "
+                      f"{self.tracker.register_model(name, uri, version_tags(final))}")
+            except Exception as err:  # as above; `rtb-ray sample` of the run directory works
+                print(f"rtb-ray: warning: could not register the posterior as {name!r} in "
+                      f"MLflow: {err}")
 
     def close(self, status: str) -> None:
         """End the MLflow run (FINISHED, KILLED on Ctrl-C, or FAILED); release the directory."""

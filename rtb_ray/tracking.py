@@ -4,8 +4,13 @@
 (``<run>/mlflow_run.json``). Params, tags, artifacts and the final model are written
 synchronously (a few files per evaluation); metrics go through MLflow's asynchronous
 ``log_batch``, whose futures ``flush``/``close`` wait on and count. An explicit ``MlflowClient``
-(no fluent global state) lets several trackers share a process. The default store is
-``<run>/mlflow.db`` with artifacts in ``<run>/mlartifacts``."""
+(no fluent global state) lets several trackers share a process.
+
+Where runs go is decided by one function, ``tracking_target``, from a ``TrackingRequest`` taken
+where the command line was read: ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the
+SQLite file ``mlflow.db`` of the working directory (MLflow's own default since 3.7), so the runs
+of a project share one store; a continued run stays in the store its directory records. A
+SQLite store keeps artifacts in ``mlartifacts/`` beside its file."""
 
 from __future__ import annotations
 
@@ -19,12 +24,13 @@ import logging
 import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
@@ -36,6 +42,12 @@ if TYPE_CHECKING:
     from mlflow.utils.async_logging.run_operations import RunOperations
 
 RUN_FILE = "mlflow_run.json"
+# MLflow's default store since 3.7 (``sqlite:///mlflow.db``): what `mlflow ui` opens when
+# started in the same directory
+DEFAULT_STORE = "mlflow.db"
+URI_VARIABLE = "MLFLOW_TRACKING_URI"
+EXPERIMENT_VARIABLE = "MLFLOW_EXPERIMENT_NAME"
+MAX_EXPERIMENT_NAME = 500  # as tracking.experiment (config.py)
 # MLflow's own limits (mlflow.utils.validation): values past them are rejected, not cut.
 MAX_PARAM_VALUE = 6000
 MAX_TAG_VALUE = 8000
@@ -82,21 +94,76 @@ def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def default_tracking_uri(output: Path) -> str:
-    """A SQLite file in the run directory, by absolute path (``sqlite:////abs/run/mlflow.db``)."""
-    return "sqlite:///" + str(Path(output).resolve() / "mlflow.db")
+def sqlite_uri(path: Path) -> str:
+    """The SQLite store at ``path``, by absolute path (``sqlite:////abs/mlflow.db``)."""
+    return "sqlite:///" + str(Path(path).resolve())
 
 
-def normalize_tracking_uri(uri: str) -> str:
-    """Check that ``uri`` is a URI; make a relative SQLite path absolute, so the recorded URI
-    and the printed ``mlflow ui`` command work from any directory."""
+def normalize_tracking_uri(uri: str, source: str = "--tracking-uri") -> str:
+    """Check that ``uri`` is a URI (ConfigError naming ``source``, where it came from); make a
+    relative SQLite path absolute, so the recorded URI and the printed ``mlflow ui`` command work
+    from any directory, and on a Ray learner that runs elsewhere."""
     scheme = urlsplit(uri).scheme
     if len(scheme) < 2 or not re.fullmatch(r"[a-zA-Z][a-zA-Z0-9+.-]*", scheme):
-        raise ConfigError(f"--tracking-uri: expected a URI such as sqlite:////abs/path/mlflow.db "
+        raise ConfigError(f"{source}: expected a URI such as sqlite:////abs/path/mlflow.db "
                           f"or http://host:5000 (got {uri!r})")
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+        uri = sqlite_uri(Path(uri.removeprefix("sqlite:///")))
     return uri
+
+
+@dataclass(frozen=True)
+class TrackingRequest:
+    """What the command line and its environment say about tracking, taken in the process that
+    read them (``tracking_request``): a Ray learner has neither the user's environment nor
+    working directory. Values are checked; ``tracking_target`` applies the rule."""
+
+    flag_uri: str | None = None  # --tracking-uri
+    env_uri: str | None = None  # MLFLOW_TRACKING_URI
+    env_experiment: str | None = None  # MLFLOW_EXPERIMENT_NAME
+    cwd: Path = field(default_factory=Path.cwd)  # absolute: where ./mlflow.db is
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    """Where one run is tracked (``tracking_target``)."""
+
+    uri: str
+    experiment: str | None  # None: the run continues in its own experiment (or no task given)
+    run_id: str | None  # the MLflow run to continue
+
+
+def tracking_request(flag_uri: str | None = None, environ: Mapping[str, str] | None = None,
+                     cwd: Path | None = None) -> TrackingRequest:
+    """Read ``--tracking-uri`` (``flag_uri``), the environment (default ``os.environ``) and the
+    working directory; a bad value is a ConfigError naming the flag or variable. Call it before
+    anything is written."""
+    environ = os.environ if environ is None else environ
+    env_uri = environ.get(URI_VARIABLE) or None  # set but empty: unset, as MLflow reads it
+    experiment = environ.get(EXPERIMENT_VARIABLE) or None
+    if experiment is not None and len(experiment) > MAX_EXPERIMENT_NAME:
+        raise ConfigError(f"{EXPERIMENT_VARIABLE}: at most {MAX_EXPERIMENT_NAME} characters "
+                          f"(got {len(experiment)})")
+    return TrackingRequest(
+        flag_uri=normalize_tracking_uri(flag_uri) if flag_uri else None,
+        env_uri=normalize_tracking_uri(env_uri, URI_VARIABLE) if env_uri else None,
+        env_experiment=experiment, cwd=Path(cwd or Path.cwd()).resolve())
+
+
+def tracking_target(request: TrackingRequest, *, experiment: str | None = None,
+                    task_name: str | None = None,
+                    record: Mapping[str, str] | None = None) -> TrackingTarget:
+    """Where a run is tracked, for every command that opens a tracker or reads the registry.
+
+    Store: ``--tracking-uri``; else, continuing a run (``record``, its ``mlflow_run.json``),
+    the store it was started in, from whatever directory it is resumed; else
+    ``MLFLOW_TRACKING_URI``; else ``mlflow.db`` in the working directory.
+    Experiment: a continued run keeps its own; else ``experiment`` (``tracking.experiment``,
+    which ``--experiment`` sets); else ``MLFLOW_EXPERIMENT_NAME``; else ``task_name``."""
+    if record is not None:
+        return TrackingTarget(request.flag_uri or record["tracking_uri"], None, record["run_id"])
+    uri = request.flag_uri or request.env_uri or sqlite_uri(request.cwd / DEFAULT_STORE)
+    return TrackingTarget(uri, experiment or request.env_experiment or task_name, None)
 
 
 def redact_uri(uri: str) -> str:
@@ -339,13 +406,15 @@ class MlflowTracker:
 
     # -- synchronous: when the run ends -------------------------------------------------------
     def log_pytorch_model(self, model: torch.nn.Module, input_example: Mapping[str, torch.Tensor],
-                          name: str = "posterior", step: int = 0) -> str:
+                          name: str = "posterior", step: int = 0,
+                          extra_files: Mapping[str, Path] | None = None) -> str:
         """Log ``model`` with MLflow's PyTorch flavour as a LoggedModel of this run and return
         its URI (``models:/<id>``; ``runs:/<run_id>/<name>`` resolves to it as well).
 
         The model is saved in the ``pt2`` format (``torch.export``) on the CPU: it loads with
         ``mlflow.pytorch.load_model`` without this package or pickle. ``input_example`` maps the
         forward arguments, in order, to a few example rows; the first dimension is the batch.
+        ``extra_files`` maps paths inside the model's directory to local files copied there.
         """
         import mlflow.pytorch
         import torch
@@ -378,6 +447,9 @@ class MlflowTracker:
                                        run_id=self.run_id, model_id=logged.model_id,
                                        model_uuid=logged.model_id),
                 )
+                for inside, path in (extra_files or {}).items():
+                    (Path(local) / inside).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, Path(local) / inside)
                 self._client.log_model_artifacts(logged.model_id, local)
         except BaseException:
             self._client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
@@ -385,27 +457,85 @@ class MlflowTracker:
         self._client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
         return f"models:/{logged.model_id}"
 
+    def register_model(self, name: str, model_uri: str, tags: Mapping[str, Any]) -> str:
+        """Register the LoggedModel ``model_uri`` (``models:/<id>``) of this run as a new version
+        of the registered model ``name`` (created if needed) with ``tags``, in this tracker's
+        store; returns ``models:/<name>/<version>``. The version's source is the model's
+        artifact location: given ``models:/<id>``, MLflow's SQL registry looks the model up in
+        the process-wide store (a TODO in MLflow 3), not this one."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+        try:
+            self._client.create_registered_model(name)
+        except MlflowException as err:  # registered before: add a version
+            if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+        model_id = model_uri.removeprefix("models:/")
+        version = self._client.create_model_version(
+            name, source=self._client.get_logged_model(model_id).artifact_location,
+            run_id=self.run_id, model_id=model_id,
+            tags={k: truncate(str(v), MAX_TAG_VALUE) for k, v in tags.items()})
+        return f"models:/{name}/{version.version}"
+
     # -- for people ---------------------------------------------------------------------------
     def describe(self) -> str:
         """Which MLflow run this is, and how to look at it."""
-        uri = redact_uri(self.tracking_uri)
-        if urlsplit(uri).scheme in ("http", "https"):
-            hint = f"{uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
-        else:
-            hint = (f"mlflow ui --backend-store-uri {uri}   "
-                    f"(serves http://127.0.0.1:5000, bound to 127.0.0.1 by default)")
         return (f"MLflow: this run {'continues' if self.resumed else 'is'} run {self.run_id} "
-                f"(experiment {self.experiment_name!r}); open it with\n  {hint}")
+                f"(experiment {self.experiment_name!r}); open it with\n  "
+                f"{open_hint(self.tracking_uri, self.experiment_id, self.run_id)}")
+
+
+def open_hint(uri: str, experiment_id: str, run_id: str) -> str:
+    """How to look at a run: its page on a server, or the `mlflow ui` command that serves a
+    local store and the run's page there (a shared store holds many runs)."""
+    uri = redact_uri(uri)
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if urlsplit(uri).scheme in ("http", "https"):
+        return f"{uri.rstrip('/')}/{page}"
+    return (f"mlflow ui --backend-store-uri {uri}\n  then http://127.0.0.1:5000/{page}   "
+            f"(bound to 127.0.0.1 by default)")
+
+
+def download_model_files(model_uri: str, tracking_uri: str, folder: str, dst: Path) -> Path:
+    """Download ``folder`` of the model ``model_uri`` (``models:/NAME/VERSION``, ``@alias``,
+    ``/latest``, or a LoggedModel's ``models:/<id>``) from the store at ``tracking_uri`` into
+    ``dst``; returns the local folder. Anything MLflow cannot find is a TrackingError (one line);
+    a SQLite store that does not exist is not created."""
+    import mlflow.artifacts
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+    from mlflow.tracking import MlflowClient
+
+    where = f"MLflow at {redact_uri(tracking_uri)}"
+    if (db := sqlite_path(tracking_uri)) is not None and not db.is_file():
+        raise TrackingError(f"{model_uri}: no MLflow store at {db} (pass --tracking-uri or set "
+                            f"{URI_VARIABLE})")
+    client = MlflowClient(tracking_uri)
+    try:
+        found = get_model_name_and_version(client, model_uri)  # (id,) or (name, version)
+        location = (client.get_logged_model(found[0]).artifact_location if len(found) == 1
+                    else client.get_model_version_download_uri(*found)).rstrip("/")
+        return Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{location}/{folder}", dst_path=str(dst), tracking_uri=tracking_uri))
+    except TrackingError:
+        raise
+    except Exception as err:  # MlflowException, OSError: one line, naming the store
+        raise TrackingError(f"{model_uri} ({where}): {first_line(err)}") from None
 
 
 # -- a training run's tracker ------------------------------------------------------------------
 def read_run_record(output: Path) -> dict[str, str] | None:
+    """``<run>/mlflow_run.json``: ``run_id``, ``tracking_uri`` and (when recorded)
+    ``experiment_id``; None if the run has none (it ran without MLflow)."""
     path = Path(output) / RUN_FILE
     if not path.exists():
         return None
     try:
         record = json.loads(path.read_text())
-        return {"run_id": str(record["run_id"]), "tracking_uri": str(record["tracking_uri"])}
+        out = {"run_id": str(record["run_id"]), "tracking_uri": str(record["tracking_uri"])}
+        if "experiment_id" in record:
+            out["experiment_id"] = str(record["experiment_id"])
+        return out
     except (ValueError, KeyError, TypeError):
         raise TrackingError(f"{path}: not an MLflow run record (expected run_id and "
                             f"tracking_uri)") from None
@@ -435,21 +565,23 @@ def write_run_record(output: Path, tracker: MlflowTracker) -> None:
 
 
 def open_run_tracker(output: Path, cfg: RunConfig, task_name: str, *, resume: bool,
-                     tracking_uri: str | None = None,
+                     request: TrackingRequest | None = None, method: str | None = None,
                      ray_address: str | None = None) -> MlflowTracker:
-    """The tracker of the training run in ``output``: a new MLflow run, or on ``resume`` the
-    run recorded in ``output/mlflow_run.json`` (in the store it was recorded with, unless
-    ``tracking_uri`` names another), in ``tracking.experiment`` or else the experiment named
-    after the task (``task_name``: a task from a file is named by its task, not its path).
-    Logs tags, the config as params, and ``config.yaml``."""
+    """The tracker of the run in ``output``: a new MLflow run, or on ``resume`` the run recorded
+    in ``output/mlflow_run.json``; store and experiment by ``tracking_target`` from ``request``
+    (default: this process's command line environment; ``task_name``: a task from a file is
+    named by its task, not its path). Logs tags (``method``, default ``train.objective.kind``,
+    and ``seed``: what MLflow's compare view groups by), the config as params, and
+    ``config.yaml``."""
     output = Path(output).resolve()
-    record = read_run_record(output) if resume else None
-    uri = (normalize_tracking_uri(tracking_uri) if tracking_uri
-           else record["tracking_uri"] if record else default_tracking_uri(output))
-    tracker = MlflowTracker(uri, cfg.tracking.experiment or task_name, run_name=output.name,
-                            run_id=record["run_id"] if record else None)
+    target = tracking_target(request or tracking_request(),
+                             experiment=cfg.tracking.experiment, task_name=task_name,
+                             record=read_run_record(output) if resume else None)
+    tracker = MlflowTracker(target.uri, target.experiment or task_name, run_name=output.name,
+                            run_id=target.run_id)
     write_run_record(output, tracker)
-    tracker.set_tags({**run_tags(ray_address), "run_dir": str(output)})
+    tracker.set_tags({**run_tags(ray_address), "run_dir": str(output),
+                      "method": method or cfg.train.objective.kind, "seed": cfg.seed})
     tracker.log_params(config_to_dict(cfg))
     if (output / "config.yaml").exists():
         tracker.log_artifact(output / "config.yaml")

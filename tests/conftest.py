@@ -12,6 +12,8 @@ from actors.session import prepare_ray
 
 SET_FOR_THE_SUITE = prepare_ray(None)
 
+from typing import Iterator
+
 import pytest
 import torch
 from torch import Tensor
@@ -55,6 +57,33 @@ class GaussianTask:
 
     def sample_posterior(self, n: int, gen: torch.Generator) -> Tensor:
         return self.post_mean + math.sqrt(self.post_var) * torch.randn(n, self.dim, generator=gen)
+
+
+REPO = Path(__file__).resolve().parent.parent
+# MLflow's default store, where runs go without --tracking-uri or MLFLOW_TRACKING_URI
+REPO_STORE = (REPO / "mlflow.db", REPO / "mlartifacts")
+
+
+def _stamp(paths: tuple[Path, ...]) -> list[int | None]:
+    return [p.stat().st_mtime_ns if p.exists() else None for p in paths]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Every MLflow run of the suite goes to one store in the session's temporary folder: never
+    to ./mlflow.db of the directory the CLI runs in (the repository: test_cli.py runs it there)
+    nor to a store the user's own MLFLOW_* variables name. It is set in the environment, so
+    the CLI under test inherits it (``user_env`` keeps it): that of a user who has set
+    MLFLOW_TRACKING_URI, as MLflow suggests. Tests of the default store unset it and run the
+    CLI in a directory of their own. Afterwards: the repository's store was not touched."""
+    store = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    before = _stamp(REPO_STORE)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+        for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_REGISTRY_URI"):
+            mp.delenv(name, raising=False)
+        yield f"sqlite:///{store}"
+    assert _stamp(REPO_STORE) == before, f"a test wrote MLflow runs into {REPO}"
 
 
 @pytest.fixture

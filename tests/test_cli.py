@@ -27,16 +27,30 @@ TINY = [
 
 def user_env(cache: Path | str) -> dict[str, str]:
     """A user's environment for the CLI under test: without the Ray settings this test process
-    made for itself (conftest.py), with its own prior cache."""
+    made for itself (conftest.py), with its own prior cache. It keeps MLFLOW_TRACKING_URI, the
+    suite's store (conftest.py ``mlflow_store``), so that runs stay out of ./mlflow.db of the
+    repository, where the CLI runs."""
     from conftest import SET_FOR_THE_SUITE
 
     env = {k: v for k, v in os.environ.items() if k not in SET_FOR_THE_SUITE}
     return {**env, "RTB_RAY_CACHE": str(cache)}
 
 
-def rtb_ray(*args: str, cache: Path, check: bool = False) -> subprocess.CompletedProcess:
+def rtb_ray(*args: str, cache: Path, check: bool = False, cwd: Path = ROOT,
+            env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
+    """``rtb-ray ARGS`` in ``cwd`` with a user's environment, changed by ``env`` (None: unset).
+    Outside the repository this tree goes first on PYTHONPATH, as ``python -m`` puts it there
+    when run from the repository."""
+    full = user_env(cache)
+    if cwd != ROOT:
+        full["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full.get("PYTHONPATH")]))
+    for key, value in (env or {}).items():
+        if value is None:
+            full.pop(key, None)
+        else:
+            full[key] = value
     proc = subprocess.run([sys.executable, "-m", "rtb_ray.cli", *args], capture_output=True,
-                          text=True, env=user_env(cache), cwd=ROOT, timeout=600)
+                          text=True, env=full, cwd=cwd, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(proc.stderr)
     return proc

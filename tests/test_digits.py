@@ -93,7 +93,11 @@ def test_guidance_baseline_raises_the_reward(cache, tmp_path):
     assert guided["mean_log_reward"] > plain["mean_log_reward"] + 0.5
     assert result["best"] == min(result["scales"], key=lambda r: r["frechet_distance"])
     assert (out / "eval" / "guidance_scale_1.png").stat().st_size > 1000
-    assert (out / "mlflow.db").exists()
+    from mlflow.tracking import MlflowClient
+
+    record = json.loads((out / "mlflow_run.json").read_text())  # in the suite's store
+    tags = MlflowClient(record["tracking_uri"]).get_run(record["run_id"]).data.tags
+    assert tags["method"] == "guidance" and tags["baseline"] == "guidance"
     again = rtb_ray("guidance", str(SMOKE), "--output", str(out), env=cache)
     assert again.returncode == 2 and "already holds" in again.stderr
 

@@ -226,8 +226,9 @@ def test_killed_learner_and_store_are_restarted_then_the_run_ends_cleanly(tmp_pa
 
     import mlflow
 
-    mlflow_run = json.loads((run / "mlflow_run.json").read_text())["run_id"]
-    client = mlflow.MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    record = json.loads((run / "mlflow_run.json").read_text())
+    mlflow_run = record["run_id"]
+    client = mlflow.MlflowClient(record["tracking_uri"])
     assert client.get_run(mlflow_run).info.status == "FAILED"  # never left RUNNING
     # one MLflow run throughout: the restarted learner logged past its checkpoint
     assert max(m.step for m in client.get_metric_history(mlflow_run, "train/loss")) > saved + 50
@@ -270,8 +271,9 @@ def test_a_failed_disk_stops_the_run_with_a_checkpoint_and_one_line(tmp_path, ca
 
     import mlflow
 
-    mlflow_run = json.loads((run / "mlflow_run.json").read_text())["run_id"]
-    client = mlflow.MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    record = json.loads((run / "mlflow_run.json").read_text())
+    mlflow_run = record["run_id"]
+    client = mlflow.MlflowClient(record["tracking_uri"])
     assert client.get_run(mlflow_run).info.status == "FAILED"
 
 
@@ -312,7 +314,7 @@ def test_sigkill_of_the_driver_then_resume(tmp_path, cache):
 
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    client = mlflow.MlflowClient(json.loads((run / "mlflow_run.json").read_text())["tracking_uri"])
     history = client.get_metric_history(mlflow_run, "train/loss")
     assert max(m.step for m in history) == saved + 25
     assert client.get_run(mlflow_run).data.tags["resumed_at_step"] == str(saved)

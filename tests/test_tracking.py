@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import mlflow.pytorch
+import numpy as np
 import pytest
 import torch
 from mlflow.entities import LoggedModelStatus
@@ -25,10 +26,13 @@ from rtb_ray.tracking import (
     RUN_FILE,
     MlflowTracker,
     TrackingError,
-    default_tracking_uri,
+    download_model_files,
     normalize_tracking_uri,
     open_run_tracker,
     run_tags,
+    sqlite_path,
+    sqlite_uri,
+    tracking_request,
 )
 from test_cli import CONFIG, ROOT, TINY, rtb_ray, sets
 
@@ -36,7 +40,7 @@ from test_cli import CONFIG, ROOT, TINY, rtb_ray, sets
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     """One SQLite store for the module: creating one runs MLflow's migrations (seconds)."""
-    return default_tracking_uri(tmp_path_factory.mktemp("store"))
+    return sqlite_uri(tmp_path_factory.mktemp("store") / "mlflow.db")
 
 
 def make_tracker(store: str, **kwargs) -> MlflowTracker:
@@ -197,16 +201,18 @@ def test_resume_continues_the_same_mlflow_run(store, tmp_path):
     (out / "config.yaml").write_text("task: {name: gmm25}\n")
     cfg = validate_config({"task": {"name": "gmm25"}, "train": {"steps": 10},
                            "tracking": {"experiment": "resume"}})
-    first = open_run_tracker(out, cfg, "gmm25", resume=False, tracking_uri=store)
+    first = open_run_tracker(out, cfg, "gmm25", resume=False,
+                             request=tracking_request(store))
     record = json.loads((out / RUN_FILE).read_text())
     assert record["run_id"] == first.run_id and record["tracking_uri"] == store
     for step in range(5):
         first.log_metrics({"train/loss": float(step)}, step)
     first.close("KILLED")
 
-    # no tracking_uri: the store recorded in the run directory
+    # no --tracking-uri: the store recorded in the run directory, not the environment's
     more = validate_config({"task": {"name": "gmm25"}, "train": {"steps": 20}})
-    second = open_run_tracker(out, more, "gmm25", resume=True)
+    second = open_run_tracker(out, more, "gmm25", resume=True,
+                              request=tracking_request(environ={}, cwd=tmp_path))
     client = MlflowClient(second.tracking_uri)
     assert second.run_id == first.run_id and second.resumed
     assert client.get_run(second.run_id).info.status == "RUNNING"
@@ -222,6 +228,8 @@ def test_resume_continues_the_same_mlflow_run(store, tmp_path):
     assert len(client.search_runs([run.info.experiment_id])) == 1
     assert client.get_experiment(run.info.experiment_id).name == "resume"
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
+    assert run.data.tags["method"] == "rtb" and run.data.tags["seed"] == "0"
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_resuming_a_run_the_store_does_not_hold_is_one_clear_error(store, tmp_path):
@@ -235,14 +243,32 @@ def test_resuming_a_run_the_store_does_not_hold_is_one_clear_error(store, tmp_pa
     assert "MLflow at sqlite:" in message and "0" * 32 in message and "\n" not in message
 
 
-def test_the_posterior_logs_with_the_pytorch_flavour_and_loads_back(store, monkeypatch):
+def test_the_posterior_logs_with_the_pytorch_flavour_and_loads_back(store, monkeypatch,
+                                                                    tmp_path):
     torch.manual_seed(0)
     net = TimeMLP(2, 20, hidden=16, depth=1, time_features=8, out_dim=4)
     torch.nn.init.normal_(net.trunk[-1].weight)  # not the zero drift, so outputs differ by input
     tracker = make_tracker(store)
     example = {"x": torch.randn(8, 2), "t_index": torch.arange(8)}
-    uri = tracker.log_pytorch_model(net, example, name="posterior", step=7)
+    (tmp_path / "config.yaml").write_text("task: {name: gmm25}\n")
+    uri = tracker.log_pytorch_model(net, example, name="posterior", step=7,
+                                    extra_files={"rtb_ray/config.yaml": tmp_path / "config.yaml"})
+    # a registered name gets a version per registration, with the tags given
+    first = tracker.register_model("flavour-test", uri, {"eval/elbo": -1.25, "eval/step": 7})
+    second = tracker.register_model("flavour-test", uri, {"eval/elbo": -1.0})
+    assert (first, second) == ("models:/flavour-test/1", "models:/flavour-test/2")
     tracker.close()
+    version = MlflowClient(store).get_model_version("flavour-test", "1")
+    assert version.tags == {"eval/elbo": "-1.25", "eval/step": "7"}
+    logged = MlflowClient(store).get_logged_model(uri.removeprefix("models:/"))
+    assert version.run_id == tracker.run_id and version.source == logged.artifact_location
+    for model_uri in ("models:/flavour-test/1", "models:/flavour-test/latest", uri):
+        files = download_model_files(model_uri, store, "rtb_ray", tmp_path / model_uri[8:])
+        assert (files / "config.yaml").read_text() == "task: {name: gmm25}\n"
+    for missing in ("models:/flavour-test/3", "models:/no-such-model/1"):
+        with pytest.raises(TrackingError) as err:
+            download_model_files(missing, store, "rtb_ray", tmp_path / "missing")
+        assert str(err.value).startswith(missing) and "\n" not in str(err.value)
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracker.tracking_uri)
     client = MlflowClient(tracker.tracking_uri)
@@ -268,6 +294,13 @@ def test_bad_tracking_flags_are_one_clear_line(tmp_path, capsys):
         (["--tracking-uri", "runs/mlflow"], "--tracking-uri: expected a URI"),
         (["--experiment", ""], "tracking.experiment: String should have at least 1 character"),
         (["--set", "tracking.log_model=maybe"], "tracking.log_model: Input should be a valid bool"),
+        # MLflow's rules for registered model names, before anything trains
+        (["--register", "a/b"], "tracking.register_as: Invalid model name 'a/b'"),
+        (["--register", "x:1"], "tracking.register_as: Invalid model name 'x:1'"),
+        (["--register", " "], "tracking.register_as: Missing value for required parameter"),
+        (["--register", ".."], "tracking.register_as: Invalid value \"..\" for parameter"),
+        (["--register", "x", "--no-mlflow"], "register_as ('x') needs the posterior logged"),
+        (["--register", "x", "--set", "tracking.log_model=false"], "needs the posterior logged"),
     ]:
         assert main(["train", str(CONFIG), "--output", str(tmp_path / "run"), *flags]) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -279,11 +312,13 @@ def test_tracking_flags_are_config_settings():
     args = build_parser().parse_args(["train", str(CONFIG), "--no-mlflow", "--experiment", "123"])
     cfg = load_config(CONFIG, tracking_overrides(args))
     assert cfg.tracking.enabled is False and cfg.tracking.experiment == "123"  # a string
+    args = build_parser().parse_args(["train", str(CONFIG), "--register", "2024"])
+    assert load_config(CONFIG, tracking_overrides(args)).tracking.register_as == "2024"
     with pytest.raises(SystemExit):  # argparse: they exclude each other
         build_parser().parse_args(["train", str(CONFIG), "--no-mlflow", "--tracking-uri", "x:"])
 
 
-def test_train_writes_one_mlflow_run_across_resume(tmp_path, cache, monkeypatch):
+def test_train_writes_one_mlflow_run_across_resume(tmp_path, cache, monkeypatch, mlflow_store):
     run = tmp_path / "run"
     # TINY, shorter still: 4 steps, a train row every step, evaluations at 0, 2 and 4
     tiny = [*TINY, "train.steps=4", "train.log_every_steps=1", "eval.every_steps=2",
@@ -291,18 +326,19 @@ def test_train_writes_one_mlflow_run_across_resume(tmp_path, cache, monkeypatch)
     half = [*tiny, "train.steps=2"]
     out = rtb_ray("train", str(CONFIG), "--in-process", "--no-progress", "--output", str(run), "--experiment",
                   "tiny", *sets(half), cache=cache, check=True).stdout
-    db = run.resolve() / "mlflow.db"
-    assert f"mlflow ui --backend-store-uri sqlite:///{db}" in out and "127.0.0.1" in out
+    # the store of the environment (conftest.py: the suite's, as a user's MLFLOW_TRACKING_URI)
+    assert f"mlflow ui --backend-store-uri {mlflow_store}" in out and "127.0.0.1" in out
     again = rtb_ray("train", str(CONFIG), "--in-process", "--no-progress", "--output", str(run), "--resume",
                     *sets(tiny), cache=cache, check=True).stdout
     record = json.loads((run / RUN_FILE).read_text())
-    assert f"continues run {record['run_id']}" in again
+    assert f"continues run {record['run_id']}" in again and record["tracking_uri"] == mlflow_store
 
     client = MlflowClient(record["tracking_uri"])
     mlrun = client.get_run(record["run_id"])
     experiment = client.get_experiment(mlrun.info.experiment_id)
     assert experiment.name == "tiny" and len(client.search_runs([experiment.experiment_id])) == 1
-    assert experiment.artifact_location == (run.resolve() / "mlartifacts").as_uri()
+    artifacts = sqlite_path(mlflow_store).parent / "mlartifacts"  # beside the SQLite file
+    assert experiment.artifact_location == artifacts.as_uri()
     assert mlrun.info.status == "FINISHED" and mlrun.data.tags["resumed_at_step"] == "2"
     assert mlrun.data.params["train.batch_size"] == "32"
     assert mlrun.data.tags["changed_on_resume.train.steps"] == "4"
@@ -350,3 +386,121 @@ def test_futures_of_an_mlflow_without_the_private_attribute_still_count():
 
     bad = _futures(SimpleNamespace(wait=fail))
     assert str(bad[0].exception()) == "store down"
+
+
+# -- one store per project: what a user who has set nothing gets -------------------------------
+NO_STORE = {"MLFLOW_TRACKING_URI": None}  # MLflow's default: ./mlflow.db
+# TINY, two steps: evaluations at 0 and 2; no model, which takes seconds to export
+SHORT = [*TINY, "train.steps=2", "eval.every_steps=2", "checkpoint_every_steps=2",
+         "train.log_every_steps=1", "tracking.log_model=false"]
+
+
+def test_runs_started_in_one_directory_share_its_store(tmp_path, cache):
+    """Two runs from one directory, one in process and one on Ray (whose learner runs in
+    another directory): both in ./mlflow.db there, under the task's experiment, tagged for
+    MLflow's compare view; `status` and `--resume` find the store from anywhere."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    outs = {
+        "a": rtb_ray("train", str(CONFIG), "--in-process", "--no-progress", "--output", "runs/a",
+                     *sets(SHORT), "--set", "seed=1", cache=cache, cwd=project, env=NO_STORE,
+                     check=True).stdout,
+        "b": rtb_ray("train", str(CONFIG), "--no-progress", "--output", "runs/b", *sets(SHORT),
+                     "--set", "seed=2", "--set", "train.objective.kind=rtb", cache=cache,
+                     cwd=project, env=NO_STORE, check=True).stdout,
+    }
+    store = sqlite_uri(project / "mlflow.db")
+    records = {n: json.loads((project / "runs" / n / RUN_FILE).read_text()) for n in outs}
+    for name, out in outs.items():
+        assert f"mlflow ui --backend-store-uri {store}" in out, out
+        assert records[name]["tracking_uri"] == store
+    assert sorted(p.name for p in project.iterdir()) == ["mlartifacts", "mlflow.db", "runs"]
+
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("gmm25")  # the task's name
+    runs = {r.info.run_id: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {r["run_id"] for r in records.values()}
+    tags = {n: runs[records[n]["run_id"]].data.tags for n in outs}
+    assert (tags["a"]["method"], tags["a"]["seed"]) == ("vargrad", "1")  # the config's
+    assert (tags["b"]["method"], tags["b"]["seed"]) == ("rtb", "2")
+
+    # the ended Ray run: status says so, and where its MLflow run is
+    status = rtb_ray("status", str(project / "runs" / "b"), cache=cache, cwd=elsewhere,
+                     env=NO_STORE)
+    assert status.returncode == 1 and "ended" in status.stderr, status.stderr
+    assert f"mlflow ui --backend-store-uri {store}" in status.stdout
+    assert (f"#/experiments/{experiment.experiment_id}/runs/{records['b']['run_id']}"
+            in status.stdout)
+
+    # resumed from another directory: the same MLflow run, in the store it started in
+    again = rtb_ray("train", str(CONFIG), "--in-process", "--no-progress", "--resume",
+                    str(project / "runs" / "a"), *sets(SHORT), "--set", "seed=1",
+                    "--set", "train.steps=4", cache=cache, cwd=elsewhere, env=NO_STORE,
+                    check=True).stdout
+    assert f"continues run {records['a']['run_id']}" in again
+    assert list(elsewhere.iterdir()) == []
+    assert len(client.search_runs([experiment.experiment_id])) == 2
+    assert [s for s, _ in history(client, records["a"]["run_id"], "eval/elbo")] == [0, 2, 4]
+
+
+def test_the_environment_names_the_store_and_a_bad_one_is_one_line(tmp_path, cache):
+    project = tmp_path / "project"
+    project.mkdir()
+    elsewhere = tmp_path / "elsewhere.db"
+    rtb_ray("train", str(CONFIG), "--in-process", "--no-progress", "--output", "run",
+            *sets(SHORT), cache=cache, cwd=project, check=True,
+            env={"MLFLOW_TRACKING_URI": f"sqlite:///{elsewhere}",
+                 "MLFLOW_EXPERIMENT_NAME": "from-the-environment"})
+    record = json.loads((project / "run" / RUN_FILE).read_text())
+    assert record["tracking_uri"] == sqlite_uri(elsewhere) and elsewhere.is_file()
+    client = MlflowClient(record["tracking_uri"])
+    experiment_id = client.get_run(record["run_id"]).info.experiment_id
+    assert client.get_experiment(experiment_id).name == "from-the-environment"
+
+    for value in ("notauri", "runs/mlflow.db"):
+        bad = rtb_ray("train", str(CONFIG), "--in-process", "--output", "bad", *sets(SHORT),
+                      cache=cache, cwd=project, env={"MLFLOW_TRACKING_URI": value})
+        assert bad.returncode == 2, bad.stderr[-2000:]
+        lines = bad.stderr.strip().splitlines()
+        assert len(lines) == 1 and "MLFLOW_TRACKING_URI: expected a URI" in lines[0], lines
+        assert repr(value) in lines[0]
+    assert sorted(p.name for p in project.iterdir()) == ["run"]  # no run directory, no store
+
+
+def test_a_registered_posterior_samples_as_its_run_does(tmp_path, cache):
+    project, empty = tmp_path / "project", tmp_path / "empty"
+    project.mkdir()
+    empty.mkdir()
+    with_model = [*SHORT, "tracking.log_model=true"]
+    out = rtb_ray("train", str(CONFIG), "--in-process", "--no-progress", "--output", "run",
+                  *sets(with_model), "--register", "tiny-gmm", cache=cache, cwd=project,
+                  env=NO_STORE, check=True).stdout
+    assert "MLflow: posterior registered as models:/tiny-gmm/1" in out, out
+    client = MlflowClient(sqlite_uri(project / "mlflow.db"))
+    version = client.get_model_version("tiny-gmm", "1")
+    record = json.loads((project / "run" / RUN_FILE).read_text())
+    final = json.loads((project / "run" / "final_eval.json").read_text())
+    assert version.run_id == record["run_id"]
+    assert float(version.tags["eval/step"]) == final["step"] == 2
+    assert float(version.tags["eval/elbo"]) == pytest.approx(final["elbo"])
+
+    # the registered model and the run directory give the same samples
+    for source, name in (("models:/tiny-gmm/1", "model.npz"), ("run", "run.npz")):
+        rtb_ray("sample", source, "--n", "100", "--out", name, cache=cache, cwd=project,
+                env=NO_STORE, check=True)
+    model, run = np.load(project / "model.npz"), np.load(project / "run.npz")
+    assert model["x"].shape == (100, 2) and np.isfinite(model["logw"]).all()
+    for key in ("x", "logw", "log_reward"):
+        np.testing.assert_array_equal(model[key], run[key])
+
+    # a model the store does not hold, or no store at all: one line, nothing made
+    for source, cwd, expected in (("models:/tiny-gmm/2", project, "models:/tiny-gmm/2 (MLflow"),
+                                  ("models:/no-such-model/1", project, "no-such-model"),
+                                  ("models:/tiny-gmm/1", empty, "no MLflow store at")):
+        missing = rtb_ray("sample", source, "--n", "5", "--out", "m.npz", cache=cache, cwd=cwd,
+                          env=NO_STORE)
+        assert missing.returncode == 2, missing.stderr[-2000:]
+        lines = missing.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], lines
+    assert not (project / "m.npz").exists() and list(empty.iterdir()) == []
