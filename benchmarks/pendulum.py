@@ -193,11 +193,12 @@ def log_cells(runs: Path, dataset: str, cells: dict, first: dict[str, Episodes])
 def summarise(out: Path) -> dict:
     """The table and the acceptance checks from every ``<out>/<dataset>.json`` present."""
     results = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
-    lines = ["| dataset | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
+    lines = ["| dataset | seeds | " + " | ".join(METHODS) + " |",
+             "|---" * (len(METHODS) + 2) + "|"]
     for name in DATASETS:
         if name in results:
             cells = results[name]["cells"]
-            lines.append(f"| {name} | " + " | ".join(
+            lines.append(f"| {name} | {results[name]['seeds']} | " + " | ".join(
                 f"{cells[m]['mean']:.1f} ± {cells[m]['std']:.1f}" + (
                     f" ({len(cells[m]['seed_means'])} seeds)"
                     if len(cells[m]["seed_means"]) != results[name]["seeds"] else "")
