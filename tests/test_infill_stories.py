@@ -9,6 +9,7 @@ import json
 import math
 import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from pipelines.infill_stories import (BOS, CONTEXT_COLUMNS, EOS, PAD, SENTENCES,
                                       STORY_WIDTH, WIDTHS, Config, InfillStoriesTask,
                                       StoryGrammar, Vocabulary, vocabulary_words)
 from rtb_ray.config import AdapterConfig, ConfigError, load_config
+from rtb_ray.tracking import read_run_record
 from test_cli import ROOT, rtb_ray, sets
 
 CONFIG = ROOT / "pipelines" / "configs" / "infill_stories.yaml"
@@ -248,6 +250,11 @@ def test_a_tiny_run_writes_the_metrics_and_the_samples_as_text(tmp_path):
     assert list((tmp_path / "infill_stories").glob("prior-*.pt"))  # pretrained once, cached
     text = (run / "eval" / "step_8.txt").read_text()
     assert "step 8" in text and "[s4]" in text and "p_grammar" in text
-    # the samples as text land in MLflow beside the picture (rtb_ray/run_dir.py log_eval)
-    logged = {p.name for p in (run / "mlartifacts").rglob("step_*.*")}
+    # the samples as text land in MLflow beside the picture (rtb_ray/run_dir.py log_eval), in
+    # the store the run recorded
+    from mlflow.tracking import MlflowClient
+
+    record = read_run_record(run)
+    listed = MlflowClient(record["tracking_uri"]).list_artifacts(record["run_id"], "eval")
+    logged = {Path(a.path).name for a in listed}
     assert {"step_8.txt", "step_8.png", "step_0.txt"} <= logged
