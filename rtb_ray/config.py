@@ -188,6 +188,9 @@ class TrackingConfig(Strict):
     )
     log_checkpoints: bool = Field(False, description="upload checkpoint.pt at every checkpoint")
     log_model: bool = Field(True, description="log the final posterior with the PyTorch flavour")
+    system_metrics_every_s: float = Field(
+        10.0, ge=0, description="sample the learner's CPU, memory, disk and network (and GPUs) "
+        "every this many seconds as MLflow's system/* metrics; 0: off")
     register_as: str | None = Field(
         None, max_length=256,  # the registry's column (MLflow's SQL schema)
         description="register the final posterior in the MLflow model registry under this name"

@@ -106,7 +106,8 @@ def prepare(cfg: RunConfig, output: Path, *, resume: bool, device: str | None = 
     torch.manual_seed(cfg.seeds.learner)
     task = make_task(cfg.task)
     check_config_for_task(cfg, task)
-    run_dir = RunDir(output, cfg, task.name, resume)
+    run_dir = RunDir(output, cfg, task.name, resume,
+                     headline=next(iter(task.progress_metrics), None))
     learner = Learner(task.family, task.prior(), cfg.train, resolve_device(device or cfg.device),
                       cfg.seeds.learner, task.eval_conditions() if conditional(task) else None,
                       task)

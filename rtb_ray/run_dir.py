@@ -26,6 +26,7 @@ from rtb_ray.config import RunConfig, config_to_dict
 from rtb_ray.log_z import check_log_z_kind
 from rtb_ray.networks import own_state_to_load
 from rtb_ray.pretrain import atomic_torch_save, read_checkpoint
+from rtb_ray.summary import write_summary
 from rtb_ray.tracking import MlflowTracker, TrackingRequest, open_run_tracker
 
 CHECKPOINT_FORMAT = "rtb-ray-run/1"
@@ -143,8 +144,10 @@ class RunDir:
     """Files, checkpoint and tracker of one run. ``open`` refuses to start over a run (or to
     resume a missing one) before anything is written."""
 
-    def __init__(self, output: Path, cfg: RunConfig, task_name: str, resume: bool) -> None:
+    def __init__(self, output: Path, cfg: RunConfig, task_name: str, resume: bool,
+                 headline: str | None = None) -> None:
         self.output, self.cfg, self.task_name = Path(output), cfg, task_name
+        self.headline = headline  # the task's first progress metric, for summary.png
         self.checkpoint_path = check_run_dir(self.output, resume)
         self.resume = resume
         self.resumed_at: int | None = None
@@ -186,6 +189,8 @@ class RunDir:
                                             ray_address=ray_address)
             if self.resumed_at is not None:
                 self.tracker.set_tags({"resumed_at_step": self.resumed_at})
+            if (every := self.cfg.tracking.system_metrics_every_s) > 0:
+                self.tracker.start_system_metrics(every)
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         atomic_torch_save({"format": CHECKPOINT_FORMAT, "task": self.task_name,
@@ -264,8 +269,17 @@ class RunDir:
                       f"MLflow: {err}")
 
     def close(self, status: str) -> None:
-        """End the MLflow run (FINISHED, KILLED on Ctrl-C, or FAILED); release the directory."""
+        """Draw ``summary.png`` (and log it), end the MLflow run (FINISHED, KILLED on Ctrl-C, or
+        FAILED); release the directory."""
+        try:
+            summary = write_summary(self.output, self.headline,
+                                    f"{self.task_name} · {self.output.name} · {status.lower()}")
+        except Exception as err:  # a picture must not hide how the run ended
+            print(f"rtb-ray: warning: could not draw {self.output / 'summary.png'}: {err}")
+            summary = None
         if self.tracker is not None:
+            if summary is not None:
+                self.tracker.log_artifact(summary)
             counters = self.tracker.close(status)
             if counters.failed or counters.artifacts_failed:
                 print(f"rtb-ray: warning: MLflow failed to write {counters.failed} metric "

@@ -274,6 +274,7 @@ class MlflowTracker:
         self._closing = False
         self._closed = False
         self.last_error: str | None = None
+        self._system_metrics: Any = None  # MLflow's SystemMetricsMonitor, when started
 
     def _experiment_id(self, name: str) -> str:
         from mlflow.exceptions import MlflowException
@@ -387,6 +388,21 @@ class MlflowTracker:
             self._settle()
         return drained
 
+    def start_system_metrics(self, every_s: float) -> None:
+        """MLflow's system metrics of this process's machine (``system/cpu_utilization_percentage``,
+        ``system/system_memory_usage_megabytes``, disk, network, and ``system/gpu_*`` where
+        nvidia-ml-py finds GPUs), sampled every ``every_s`` seconds on a thread of MLflow's until
+        ``close``; a continued run carries on from its last step."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        # its INFO lines ("Started monitoring...", "Skip logging GPU metrics") are noise in a
+        # run's output; failures are still warnings
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+        self._system_metrics = SystemMetricsMonitor(
+            self.run_id, sampling_interval=every_s, resume_logging=self.resumed,
+            tracking_uri=self.tracking_uri)
+        self._system_metrics.start()
+
     def close(self, status: str = "FINISHED", timeout: float | None = 300.0) -> TrackerCounters:
         """Wait for the pending metrics, record the counters as tags and end the run with
         ``status`` (FINISHED, FAILED or KILLED). Idempotent."""
@@ -394,6 +410,8 @@ class MlflowTracker:
             return self.counters()
         with self._lock:
             self._closing = True
+        if self._system_metrics is not None:
+            self._system_metrics.finish()  # its last samples, before the run ends
         if not self.flush(timeout):
             logger.warning("MLflow: metrics still not written after %ss", timeout)
         counters = self.counters()

@@ -322,7 +322,7 @@ def test_train_writes_one_mlflow_run_across_resume(tmp_path, cache, monkeypatch,
     run = tmp_path / "run"
     # TINY, shorter still: 4 steps, a train row every step, evaluations at 0, 2 and 4
     tiny = [*TINY, "train.steps=4", "train.log_every_steps=1", "eval.every_steps=2",
-            "checkpoint_every_steps=2"]
+            "checkpoint_every_steps=2", "tracking.system_metrics_every_s=0.5"]
     half = [*tiny, "train.steps=2"]
     out = rtb_ray("train", str(CONFIG), "--in-process", "--no-progress", "--output", str(run), "--experiment",
                   "tiny", *sets(half), cache=cache, check=True).stdout
@@ -350,7 +350,14 @@ def test_train_writes_one_mlflow_run_across_resume(tmp_path, cache, monkeypatch,
     assert history(client, rid, "eval/tracking_s")[-1][1] == pytest.approx(final["tracking_s"])
     assert 0 < final["tracking_s"] < final["train_s"]
     artifacts = {a.path for a in client.list_artifacts(rid)}
-    assert {"config.yaml", "final_eval.json", "metrics.jsonl", "eval"} <= artifacts
+    assert {"config.yaml", "final_eval.json", "metrics.jsonl", "eval", "summary.png"} <= artifacts
+    summary = Path(client.download_artifacts(rid, "summary.png", str(tmp_path / "dl")))
+    assert summary.read_bytes() == (run / "summary.png").read_bytes()
+    assert summary.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # MLflow's system metrics of the learner's machine, in both halves: steps continue on resume
+    cpu = [s for s, _ in history(client, rid, "system/cpu_utilization_percentage")]
+    assert len(cpu) >= 2 and cpu == list(range(len(cpu))), cpu
+    assert history(client, rid, "system/system_memory_usage_megabytes")
     evals = {a.path for a in client.list_artifacts(rid, "eval")}
     assert {f"eval/step_{s}.{ext}" for s in (0, 2, 4) for ext in ("png", "json")} == evals
     assert mlrun.data.tags["tracking.failed"] == "0"
