@@ -1,10 +1,12 @@
-"""What a user sees in the MLflow UI: two short real training runs, served by ``mlflow server``
-and looked at in a headless Chromium (Playwright driving the system's browser).
+"""What a user sees in the MLflow UI: two short real training runs started in one directory
+with no tracking flags or variables, then ``mlflow ui`` in that directory, looked at in a
+headless Chromium (Playwright driving the system's browser).
 
-Checked as a person would: the experiment lists both runs by name; a run's page says Finished
-and lists its logged model ``posterior``; a metric's chart has one point per evaluation; the
-evaluation picture renders in the artifact view; the experiment's models page lists a ready
-``posterior`` per run. Screenshots of each page go to ``test-artifacts/mlflow_ui/``.
+Checked as a person would: the experiments page lists the task's experiment, which lists both
+runs by name; a run's page says Finished and lists its logged model ``posterior``; a metric's
+chart has one point per evaluation; the evaluation picture and the run's ``summary.png`` render
+in the artifact view; the experiment's models page lists a ready ``posterior`` per run.
+Screenshots of each page go to ``test-artifacts/mlflow_ui/``.
 
 Needs Playwright (``pip install playwright``, in the ``test`` extra) and a Chromium (Debian:
 ``apt-get install chromium``; elsewhere point ``RTB_RAY_CHROMIUM`` at a Chrome or Chromium);
@@ -73,14 +75,13 @@ def png_width(path: Path) -> int:
     return struct.unpack(">I", head[16:20])[0]
 
 
-def start_server(db: Path, workdir: Path) -> tuple[subprocess.Popen, str]:
-    """``mlflow server`` over ``db`` on 127.0.0.1 and a free port, in its own process group;
-    returns once it answers ``/health``."""
+def start_server(workdir: Path) -> tuple[subprocess.Popen, str]:
+    """``mlflow ui`` in ``workdir`` (its default store: ./mlflow.db) on 127.0.0.1 and a free
+    port, in its own process group; returns once it answers ``/health``."""
     port = free_port()
     log = open(workdir / "mlflow-server.log", "w")
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server",
-           "--backend-store-uri", f"sqlite:///{db}", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1", "--artifacts-destination", str(workdir / "server-artifacts")]
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "ui", "--port", str(port),
+           "--workers", "1"]
     proc = subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, **QUIET, **NO_JOBS}, start_new_session=True)
     log.close()
@@ -115,16 +116,19 @@ def stop_server(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def train(seed: int, tmp_path: Path) -> subprocess.Popen:
-    """``rtb-ray train`` of the tiny gmm25 config into the test's SQLite store, as a user runs it
-    (the runs share one prior cache: the first pretrains it)."""
+def train(seed: int, project: Path) -> subprocess.Popen:
+    """``rtb-ray train`` of the tiny gmm25 config, as a user runs it in ``project`` with no
+    tracking flag and no MLFLOW_* variable: into MLflow's default store there, ./mlflow.db (the
+    runs share one prior cache: the first pretrains it). This tree goes first on PYTHONPATH, as
+    it would for ``python -m`` run from the repository."""
+    env = {**user_env(project / "cache"), **QUIET}
+    env.pop("MLFLOW_TRACKING_URI")  # the suite's store (conftest.py); a user may have none
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return subprocess.Popen(
         [sys.executable, "-m", "rtb_ray.cli", "train", str(CONFIG), "--in-process",
-         "--no-progress", "--output", str(tmp_path / f"seed{seed}"),
-         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *sets(SETTINGS),
+         "--no-progress", "--output", f"runs/seed{seed}", *sets(SETTINGS),
          "--set", f"seed={seed}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**user_env(tmp_path / "cache"), **QUIET}, cwd=ROOT)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=project)
 
 
 def finished(proc: subprocess.Popen, run: Path) -> dict:
@@ -150,15 +154,15 @@ def browser_kit():
 
 @pytest.fixture
 def served(tmp_path: Path, browser_kit) -> Iterator[dict]:
-    """Two real runs (seeds 0, 1) in one SQLite store, served by ``mlflow server`` (started
+    """Two real runs (seeds 0, 1) from one directory, served by ``mlflow ui`` there (started
     while the second run trains; stopped, with its process group, at teardown)."""
     t0 = time.monotonic()
     server = second = None
     try:
-        runs = {"seed0": finished(train(0, tmp_path), tmp_path / "seed0")}
+        runs = {"seed0": finished(train(0, tmp_path), tmp_path / "runs/seed0")}
         second = train(1, tmp_path)  # the store exists now: the server may open it meanwhile
-        server, base = start_server(tmp_path / "mlflow.db", tmp_path)
-        runs["seed1"] = finished(second, tmp_path / "seed1")
+        server, base = start_server(tmp_path)
+        runs["seed1"] = finished(second, tmp_path / "runs/seed1")
         print(f"two training runs and the server: {time.monotonic() - t0:.0f}s")
         yield {"base": base, "db": tmp_path / "mlflow.db", "runs": runs}
     finally:
@@ -174,6 +178,8 @@ def test_the_mlflow_ui_shows_runs_metrics_pictures_and_models(browser_kit, serve
     expect = sync_api.expect
     expect.set_options(timeout=TIMEOUT_MS)
     base, runs = served["base"], served["runs"]
+    # both runs went to ./mlflow.db of their directory, under the task's experiment
+    assert {r["tracking_uri"] for r in runs.values()} == {f"sqlite:///{served['db']}"}
     (experiment,) = {r["experiment_id"] for r in runs.values()}
     models = {name: _model_id(served["db"], r["run_id"]) for name, r in runs.items()}
     run = runs["seed0"]
@@ -196,8 +202,13 @@ def test_the_mlflow_ui_shows_runs_metrics_pictures_and_models(browser_kit, serve
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.set_default_timeout(TIMEOUT_MS)
         try:
-            # the experiment lists both runs by name
-            page.goto(f"{base}/#/experiments/{experiment}/runs")
+            # the experiments page lists the task's; it lists both runs by name
+            page.goto(f"{base}/#/experiments")
+            _model_training_view(page)
+            expect(page.get_by_role("link", name="gmm25", exact=True)).to_have_attribute(
+                "href", f"#/experiments/{experiment}")
+            shot(page, "experiments")
+            page.goto(f"{base}/#/experiments/{experiment}/runs")  # its training runs
             expect(page.get_by_role("link", name="seed0", exact=True)).to_be_visible()
             _model_training_view(page)
             for name, r in runs.items():
@@ -238,6 +249,16 @@ def test_the_mlflow_ui_shows_runs_metrics_pictures_and_models(browser_kit, serve
                 run["dir"] / "eval" / picture)
             shot(page, "eval_picture")
 
+            # the run at a glance: summary.png, as drawn in the run directory
+            _tree_node(page, "summary.png").click()
+            img = page.locator('img[alt="summary.png"]')
+            expect(img).to_be_visible()
+            page.wait_for_function("img => img.complete && img.naturalWidth > 0",
+                                   arg=img.element_handle())
+            assert img.evaluate("img => img.naturalWidth") == png_width(
+                run["dir"] / "summary.png")
+            shot(page, "summary")
+
             # the experiment's models: a posterior from each run, Ready, linked to its run
             page.goto(f"{base}/#/experiments/{experiment}/models")
             posteriors = page.get_by_role("link", name="posterior", exact=True)
@@ -255,8 +276,9 @@ def test_the_mlflow_ui_shows_runs_metrics_pictures_and_models(browser_kit, serve
             raise
         finally:
             browser.close()
-    assert saved == ["1_experiment_runs.png", "2_run_overview.png", "3_run_logged_model.png",
-                     "4_metric_chart.png", "5_eval_picture.png", "6_models.png"]
+    assert saved == ["1_experiments.png", "2_experiment_runs.png", "3_run_overview.png",
+                     "4_run_logged_model.png", "5_metric_chart.png", "6_eval_picture.png",
+                     "7_summary.png", "8_models.png"]
 
 
 def _model_training_view(page) -> None:
