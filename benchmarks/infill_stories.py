@@ -41,11 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipelines.infill_stories import STORY_COLUMNS, InfillStoriesTask  # noqa: E402
-from rtb_ray.config import AdapterConfig, RunConfig, load_config  # noqa: E402
-from rtb_ray.learner import make_posterior  # noqa: E402
-from rtb_ray.networks import load_own_state  # noqa: E402
+from rtb_ray.config import AdapterConfig, load_config  # noqa: E402
 from rtb_ray.pretrain import pretrain_prior  # noqa: E402
-from rtb_ray.run_dir import load_run_checkpoint  # noqa: E402
+from rtb_ray.run_dir import load_posterior  # noqa: E402
 from rtb_ray.tracking import MlflowTracker, read_run_record  # noqa: E402
 
 CONFIG = ROOT / "pipelines" / "configs" / "infill_stories.yaml"
@@ -94,14 +92,6 @@ def sir(task: InfillStoriesTask, prior: torch.nn.Module, cond: torch.Tensor, k: 
         pick = torch.multinomial(w.softmax(1), 1, generator=gen)[:, 0]
         out.append(z.view(-1, k, z.shape[1])[torch.arange(c.shape[0]), pick])
     return torch.cat(out)
-
-
-def posterior_of(run: Path, task: InfillStoriesTask, cfg: RunConfig) -> torch.nn.Module:
-    prior = task.prior()
-    net = make_posterior(prior, cfg.train.adapter, task)
-    ckpt = load_run_checkpoint(run / "checkpoint.pt", task.name, (net, prior))
-    load_own_state(net, prior, ckpt["learner"]["posterior"])
-    return net.eval()
 
 
 def sft(task: InfillStoriesTask, steps: int, batch_size: int, lr: float) -> torch.nn.Module:
@@ -177,11 +167,15 @@ def main() -> None:
     task = InfillStoriesTask(cfg.task)
     beta = cfg.train.objective.beta
     cond = task.eval_conditions().repeat_interleave(args.n, 0)
+
+    def trained(run: Path) -> torch.nn.Module:
+        return load_posterior(task, cfg, run / "checkpoint.pt")[1]
+
     methods = {
         "prior prompted with x": lambda g: sample(task, task.prior(), cond, g),
         sir_name: lambda g: sir(task, task.prior(), cond, args.sir_k, beta, g),
-        "KL-RL": lambda g: sample(task, posterior_of(runs / "kl_rl", task, cfg), cond, g),
-        "RTB": lambda g: sample(task, posterior_of(runs / "rtb", task, cfg), cond, g),
+        "KL-RL": lambda g: sample(task, trained(runs / "kl_rl"), cond, g),
+        "RTB": lambda g: sample(task, trained(runs / "rtb"), cond, g),
         "SFT (upper bound)": lambda g: sample(task, sft(task, args.sft_steps, 128, 1e-3), cond,
                                               g),
         "Bayes (grammar, exact)": lambda g: task.sample_bayes(cond, g)}

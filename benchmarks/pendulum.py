@@ -40,12 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipelines.pendulum import Episodes, PendulumTask, draw_episode, run_episodes  # noqa: E402
-from rtb_ray.config import RunConfig, load_config  # noqa: E402
-from rtb_ray.learner import make_posterior  # noqa: E402
-from rtb_ray.networks import load_own_state  # noqa: E402
+from rtb_ray.config import load_config  # noqa: E402
 from rtb_ray import pretrain  # noqa: E402
 from rtb_ray.offline_rl import train_awr, train_bc  # noqa: E402
-from rtb_ray.run_dir import load_run_checkpoint  # noqa: E402
+from rtb_ray.run_dir import load_posterior  # noqa: E402
 from rtb_ray.tracking import MlflowTracker  # noqa: E402
 
 CONFIG = ROOT / "pipelines" / "configs" / "pendulum.yaml"
@@ -76,14 +74,6 @@ def train_run(output: Path, runs: Path, dataset: str, seed: int, extra: list[str
     if proc.returncode != 0:
         raise SystemExit(f"{output}: rtb-ray train exited {proc.returncode}")
     return time.perf_counter() - t0
-
-
-def posterior_of(run: Path, task: PendulumTask, cfg: RunConfig) -> torch.nn.Module:
-    prior = task.prior()
-    net = make_posterior(prior, cfg.train.adapter, task)
-    ckpt = load_run_checkpoint(run / "checkpoint.pt", task.name, (net, prior))
-    load_own_state(net, prior, ckpt["learner"]["posterior"])
-    return net.eval()
 
 
 def sir_policy(task: PendulumTask, k: int, beta: float, gen: torch.Generator):
@@ -131,12 +121,13 @@ def run_dataset(dataset: str, args: argparse.Namespace) -> dict:
         bc = train_bc(data, POLICY_STEPS, seed=seed, action_bound=2.0, progress=False)
         iql = train_awr(data, critic, POLICY_STEPS, inverse_temperature=AWR_INVERSE_TEMPERATURE,
                         seed=seed, action_bound=2.0, progress=False)
-        posterior = posterior_of(run, task, cfg)
+        posterior = load_posterior(task, cfg, run / "checkpoint.pt")[1]
         policies = {"BC": mean_policy(bc), "diffusion-BC": task.policy_of(task.prior(), gen),
                     "IQL": mean_policy(iql), "SIR": sir_policy(task, args.sir_k, beta, gen),
                     "RTB": task.policy_of(posterior, gen)}
         if seed < args.kl_rl_seeds:
-            policies["KL-RL"] = task.policy_of(posterior_of(kl_run, task, cfg), gen)
+            kl_posterior = load_posterior(task, cfg, kl_run / "checkpoint.pt")[1]
+            policies["KL-RL"] = task.policy_of(kl_posterior, gen)
         for name, policy in policies.items():
             episodes = run_episodes(policy, args.episodes, seed=1000 + 100 * seed, env=task.env)
             scores[name].append(episodes.scores().tolist())

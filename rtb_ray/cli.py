@@ -439,26 +439,16 @@ def sample_posterior(cfg_path: Path, weights: Path, args: argparse.Namespace) ->
     import numpy as np
     import torch
 
-    from rtb_ray.learner import make_posterior
     from rtb_ray.loop import set_torch_threads
-    from rtb_ray.networks import load_own_state
     from rtb_ray.rollout import Sampler
-    from rtb_ray.run_dir import load_posterior_file, load_run_checkpoint
+    from rtb_ray.run_dir import load_posterior
     from rtb_ray.tasks import make_task
     from rtb_ray.trajectory import Source
 
     cfg = load_config(cfg_path)
     set_torch_threads(cfg)
     task = make_task(cfg.task)
-    prior = task.prior()
-    posterior = make_posterior(prior, cfg.train.adapter, task)
-    if weights.name == "checkpoint.pt":
-        learner = load_run_checkpoint(weights, task.name, (posterior, prior))["learner"]
-        state, step = learner["posterior"], learner["step"]
-    else:
-        saved = load_posterior_file(weights, task.name, (posterior, prior))
-        state, step = saved["posterior"], saved["step"]
-    load_own_state(posterior, prior, state)
+    prior, posterior, step = load_posterior(task, cfg, weights)
     batch = Sampler(task, prior, posterior).rollout(
         Source.POSTERIOR, args.n, generator=torch.Generator().manual_seed(args.seed))
     logw = cfg.train.objective.beta * batch.log_reward + batch.log_prior - batch.log_behaviour

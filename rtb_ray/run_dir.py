@@ -82,6 +82,26 @@ def load_posterior_file(path: Path, task: str,
     return ckpt
 
 
+def load_posterior(task: Any, cfg: RunConfig, weights: Path
+                   ) -> tuple[torch.nn.Module, torch.nn.Module, int]:
+    """(prior, posterior, step): the task's prior and the posterior network of ``cfg`` with the
+    trained weights of ``weights``, a run's ``checkpoint.pt`` or a logged model's posterior file
+    (refused with a ValueError as ``load_run_checkpoint`` / ``load_posterior_file`` refuse)."""
+    from rtb_ray.learner import make_posterior
+    from rtb_ray.networks import load_own_state
+
+    prior = task.prior()
+    posterior = make_posterior(prior, cfg.train.adapter, task)
+    if Path(weights).name == "checkpoint.pt":
+        learner = load_run_checkpoint(weights, task.name, (posterior, prior))["learner"]
+        state, step = learner["posterior"], learner["step"]
+    else:
+        saved = load_posterior_file(weights, task.name, (posterior, prior))
+        state, step = saved["posterior"], saved["step"]
+    load_own_state(posterior, prior, state)
+    return prior, posterior.eval(), int(step)
+
+
 def version_tags(final: dict[str, Any]) -> dict[str, float]:
     """A registered version's tags: the final evaluation's finite numbers as ``eval/<key>`` (the
     run's metric names), the first ``MAX_VERSION_TAGS`` in the evaluation's order (its summary
