@@ -11,13 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +21,8 @@ import yaml
 ray = pytest.importorskip("ray")
 
 from rtb_ray.cli import format_status  # noqa: E402
-from test_cli import CONFIG, ROOT, rtb_ray, user_env  # noqa: E402
+from ray_head import free_ports, ray_head  # noqa: E402
+from test_cli import CONFIG, ROOT, rtb_ray  # noqa: E402
 from test_runtime import (  # noqa: E402
     RUNTIME, check_nothing_lost, learner_step, start, status, stop, wait_for,
 )
@@ -36,86 +30,20 @@ from test_runtime import (  # noqa: E402
 TWIN = ROOT / "tests" / "cluster_local.yaml"
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct free ports: the sockets are held together, so the OS cannot hand one out twice
-    (one at a time it may: a port freed a moment ago is free again)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def session_pids(sid: int) -> list[int]:
-    """The live processes of one session: what a `ray start` in a session of its own started,
-    the fake nodes (children of its autoscaler) included."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    state = f.read().rpartition(")")[2].split()[0]
-                if os.getsid(int(entry)) == sid and state != "Z":
-                    pids.append(int(entry))
-            except OSError:  # gone meanwhile
-                pass
-    return pids
-
-
 @pytest.fixture
 def fake_cluster(tmp_path: Path) -> Iterator[str]:
     """The twin's head, on ports and a temp dir of its own (another Ray on this machine is left
     alone); yields its address. Torn down by ending exactly the processes it started."""
-    port, dashboard_port, client_port, agent_port = free_ports(4)
+    ports = free_ports(4)
     config = yaml.safe_load(TWIN.read_text())
-    config["provider"]["gcs_address"] = f"127.0.0.1:{port}"  # where the fake nodes join
+    config["provider"]["gcs_address"] = f"127.0.0.1:{ports[0]}"  # where the fake nodes join
     config_path = tmp_path / "cluster_local.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    temp = tempfile.mkdtemp(prefix="rtb-elastic-")  # short: Ray's socket paths are bounded
-    env = {**user_env(tmp_path), "RAY_FAKE_CLUSTER": "1", "RAY_AUTH_MODE": "token",
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # loopback only, as rtb-ray's own Ray
+    env = {"RAY_FAKE_CLUSTER": "1",
            "AUTOSCALER_UPDATE_INTERVAL_S": "1"}  # the autoscaler looks every second, not 5
-    ray_cli = str(Path(sys.executable).parent / "ray")
-    # `ray start` joins token authentication only with a token: the README's step, which makes
-    # one only where none exists (a local ray.init makes it by itself; CI may not have one yet)
-    subprocess.run([ray_cli, "get-auth-token", "--generate"], env=env, capture_output=True,
-                   check=True)
-    log_path = tmp_path / "head.log"
-    log = open(log_path, "w")
-    head = subprocess.Popen(
-        [ray_cli, "start", "--head", "--block",
-         "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-         "--include-dashboard=false", f"--dashboard-port={dashboard_port}",
-         f"--ray-client-server-port={client_port}",
-         f"--dashboard-agent-listen-port={agent_port}", "--disable-usage-stats",
-         f"--autoscaling-config={config_path}", f"--temp-dir={temp}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        def head_up() -> bool:
-            if head.poll() is not None:
-                raise AssertionError(f"ray start exited ({head.returncode}):\n"
-                                     f"{log_path.read_text()[-3000:]}")
-            return "Ray runtime started" in log_path.read_text()
-
-        wait_for("the head", head_up, timeout=120)
-        yield f"127.0.0.1:{port}"
-    finally:
-        # SIGKILL: on SIGTERM `ray start` first drains its node, seconds for nothing here;
-        # the cluster's state dies with it and its temp dir is removed below
-        deadline = time.time() + 30
-        while (pids := session_pids(head.pid)) and time.time() < deadline:
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.2)
-        head.wait(timeout=30)
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
+    with ray_head(tmp_path, tmp_path, ports=ports, env=env, name="rtb-elastic-",
+                  args=[f"--autoscaling-config={config_path}"]) as head:
+        yield head.address
 
 
 def alive_nodes() -> set[str]:
