@@ -161,3 +161,14 @@ def test_ray_job_submit_logs_stop_and_resume(tmp_path, cache):
     took["total"] = time.monotonic() - t0
     print(f"stopped at step {step}; uploaded {uploaded}; "
           + ", ".join(f"{k} {v:.1f}s" for k, v in took.items()))
+
+
+def test_the_readme_shows_the_recipe_this_test_runs():
+    """README.md's `ray job` lines are the commands above, flag for flag."""
+    readme = (ROOT / "README.md").read_text()
+    env_json = json.dumps({"env_vars": ENV_VARS})
+    submit = f"--working-dir . --runtime-env-json '{env_json}' -- \\\n  {' '.join(TRAIN)}"
+    assert f"ray job submit --no-wait {submit} --output " in readme
+    assert f"ray job submit {submit} --resume " in readme
+    assert "export RAY_AUTH_MODE=token" in readme and "--dashboard-host=127.0.0.1" in readme
+    assert "ray job logs --follow JOB_ID" in readme and "ray job stop JOB_ID" in readme
