@@ -15,6 +15,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +45,20 @@ def check_d4rl(where: str, data: Mapping[str, np.ndarray], obs_dim: int | None =
     timeouts [N]. A bad input is a one-line ValueError starting with ``where`` that names the key
     and, for a bad value, its first bad row. ``obs_dim``/``action_dim`` None: the data's own;
     ``action_bound``: actions must lie in [−bound, bound]."""
+    raw = _numeric_arrays(where, data)
+    rows = _check_shapes(where, raw, obs_dim, action_dim)
+    out = {key: _checked_values(where, key, raw[key], rows) for key in D4RL_KEYS}
+    if action_bound is not None:
+        bad = np.abs(out["actions"]) > action_bound
+        if bad.any():
+            row = _first_bad_row(bad)
+            raise ValueError(f"{where}: key 'actions', row {row}: {out['actions'][row].tolist()} "
+                             f"is outside [-{action_bound}, {action_bound}]")
+    return out
+
+
+def _numeric_arrays(where: str, data: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every D4RL key, as a numeric array (object arrays included: never unpickled or trusted)."""
     missing = [k for k in D4RL_KEYS if k not in data]
     if missing:
         has = ", ".join(sorted(data)) or "nothing"
@@ -54,10 +69,15 @@ def check_d4rl(where: str, data: Mapping[str, np.ndarray], obs_dim: int | None =
             v = np.asarray(data[key])
         except ValueError as err:  # e.g. a ragged list
             raise ValueError(f"{where}: key {key!r}: {str(err).splitlines()[0]}") from None
-        if v.dtype.kind not in "fiub":  # object arrays included: never unpickled or trusted
+        if v.dtype.kind not in "fiub":
             raise ValueError(f"{where}: key {key!r}: dtype {v.dtype} is not numeric")
         raw[key] = v
+    return raw
 
+
+def _check_shapes(where: str, raw: dict[str, np.ndarray], obs_dim: int | None,
+                  action_dim: int | None) -> int:
+    """Widths and row counts agree (and with ``obs_dim``/``action_dim``); returns the rows."""
     widths = {"observations": obs_dim, "actions": action_dim}
     for key in ("observations", "actions"):
         v, width = raw[key], widths[key]
@@ -74,7 +94,6 @@ def check_d4rl(where: str, data: Mapping[str, np.ndarray], obs_dim: int | None =
         if not (v.ndim == 1 or (v.ndim == 2 and v.shape[1] == 1)):
             raise ValueError(f"{where}: key {key!r}: shape {tuple(v.shape)}, expected (N,) or "
                              f"(N, 1)")
-
     rows = raw["observations"].shape[0]
     for key in D4RL_KEYS[1:]:
         if raw[key].shape[0] != rows:
@@ -82,35 +101,28 @@ def check_d4rl(where: str, data: Mapping[str, np.ndarray], obs_dim: int | None =
                              f"'observations' has {rows}")
     if rows == 0:
         raise ValueError(f"{where}: key 'observations': no rows")
+    return rows
 
-    out: dict[str, np.ndarray] = {}
-    for key in D4RL_KEYS:
-        v = raw[key].reshape(rows) if key in _PER_STEP_KEYS else raw[key]
-        # a copy (the caller's arrays are never touched), checked after the cast: a float64
-        # beyond float32's range would become inf in training
-        with np.errstate(over="ignore"):
-            as_float = v.astype(np.float32)
-        bad = ~np.isfinite(as_float)
-        if bad.any():
-            row = _first_bad_row(bad)
-            raise ValueError(f"{where}: key {key!r}, row {row}: {v[row].tolist()} holds a value "
-                             f"that is not a finite (float32) number")
-        if key in _FLAG_KEYS:
-            bad = (as_float != 0) & (as_float != 1)
-            if bad.any():
-                row = _first_bad_row(bad)
-                raise ValueError(f"{where}: key {key!r}, row {row}: {v[row].tolist()} is not "
-                                 f"0 or 1")
-            out[key] = as_float == 1
-        else:
-            out[key] = as_float
-    if action_bound is not None:
-        bad = np.abs(out["actions"]) > action_bound
-        if bad.any():
-            row = _first_bad_row(bad)
-            raise ValueError(f"{where}: key 'actions', row {row}: {out['actions'][row].tolist()} "
-                             f"is outside [-{action_bound}, {action_bound}]")
-    return out
+
+def _checked_values(where: str, key: str, v: np.ndarray, rows: int) -> np.ndarray:
+    """A float32 copy of ``v`` (the caller's array is never touched), or bool for a flag key;
+    checked after the cast: a float64 beyond float32's range would become inf in training."""
+    if key in _PER_STEP_KEYS:
+        v = v.reshape(rows)
+    with np.errstate(over="ignore"):
+        as_float = v.astype(np.float32)
+    bad = ~np.isfinite(as_float)
+    if bad.any():
+        row = _first_bad_row(bad)
+        raise ValueError(f"{where}: key {key!r}, row {row}: {v[row].tolist()} holds a value "
+                         f"that is not a finite (float32) number")
+    if key not in _FLAG_KEYS:
+        return as_float
+    bad = (as_float != 0) & (as_float != 1)
+    if bad.any():
+        row = _first_bad_row(bad)
+        raise ValueError(f"{where}: key {key!r}, row {row}: {v[row].tolist()} is not 0 or 1")
+    return as_float == 1
 
 
 def _sha256(path: Path) -> str:
@@ -172,6 +184,37 @@ def read_d4rl_hdf5(path: Path, obs_dim: int | None = None, action_dim: int | Non
     return check_d4rl(where, data, obs_dim, action_dim, action_bound), digest
 
 
+def _minari_episode(h5py: Any, episode: Any, where: str) -> dict[str, np.ndarray]:
+    """One Minari episode group's arrays (``_MINARI_KEYS``), its row counts checked: one more
+    observation than actions (the last is the final observation), one reward and flag per step.
+    ``where`` names the episode in a ValueError."""
+    if not isinstance(episode, h5py.Group):
+        raise ValueError(f"{where} is a dataset, not an episode group")
+    arrays = {}
+    for key in _MINARI_KEYS:
+        if key not in episode:
+            raise ValueError(f"{where}: missing key {key!r} (it has: {_members(h5py, episode)})")
+        if not isinstance(episode[key], h5py.Dataset):
+            if key == "observations":
+                raise ValueError(f"{where}: key 'observations' is a group (a Dict observation "
+                                 f"space), which is not supported")
+            raise ValueError(f"{where}: key {key!r} is a group, not a dataset")
+        value = episode[key][()]
+        if value.ndim == 0:
+            raise ValueError(f"{where}: key {key!r}: a scalar, expected one row per step")
+        arrays[key] = value
+    steps = arrays["actions"].shape[0]
+    if arrays["observations"].shape[0] != steps + 1:
+        raise ValueError(f"{where}: key 'observations': {arrays['observations'].shape[0]} rows, "
+                         f"expected {steps + 1} (one more than the {steps} of 'actions': the "
+                         f"last is the final observation)")
+    for key in ("rewards", "terminations", "truncations"):
+        if arrays[key].shape[0] != steps:
+            raise ValueError(f"{where}: key {key!r}: {arrays[key].shape[0]} rows, but 'actions' "
+                             f"has {steps}")
+    return arrays
+
+
 def read_minari_hdf5(path: Path, obs_dim: int | None = None, action_dim: int | None = None,
                      action_bound: float | None = None) -> tuple[dict[str, np.ndarray], str]:
     """A local Minari dataset's transitions as D4RL arrays, checked (``check_d4rl``), and the
@@ -207,36 +250,7 @@ def read_minari_hdf5(path: Path, obs_dim: int | None = None, action_dim: int | N
         parts: dict[str, list[np.ndarray]] = {key: [] for key in D4RL_KEYS}
         first: dict[str, tuple[str, tuple[int, ...]]] = {}  # key: (episode, shape[1:])
         for _, name in sorted(numbered):
-            episode = h5[name]
-            if not isinstance(episode, h5py.Group):
-                raise ValueError(f"{where}: {name!r} is a dataset, not an episode group")
-            arrays = {}
-            for key in _MINARI_KEYS:
-                if key not in episode:
-                    raise ValueError(f"{where}: episode {name!r}: missing key {key!r} (it has: "
-                                     f"{_members(h5py, episode)})")
-                if not isinstance(episode[key], h5py.Dataset):
-                    if key == "observations":
-                        raise ValueError(f"{where}: episode {name!r}: key 'observations' is a "
-                                         f"group (a Dict observation space), which is not "
-                                         f"supported")
-                    raise ValueError(f"{where}: episode {name!r}: key {key!r} is a group, not "
-                                     f"a dataset")
-                value = episode[key][()]
-                if value.ndim == 0:
-                    raise ValueError(f"{where}: episode {name!r}: key {key!r}: a scalar, "
-                                     f"expected one row per step")
-                arrays[key] = value
-            steps = arrays["actions"].shape[0]
-            if arrays["observations"].shape[0] != steps + 1:
-                raise ValueError(f"{where}: episode {name!r}: key 'observations': "
-                                 f"{arrays['observations'].shape[0]} rows, expected {steps + 1} "
-                                 f"(one more than the {steps} of 'actions': the last is the "
-                                 f"final observation)")
-            for key in ("rewards", "terminations", "truncations"):
-                if arrays[key].shape[0] != steps:
-                    raise ValueError(f"{where}: episode {name!r}: key {key!r}: "
-                                     f"{arrays[key].shape[0]} rows, but 'actions' has {steps}")
+            arrays = _minari_episode(h5py, h5[name], f"{where}: episode {name!r}")
             # episodes must agree on widths, or concatenating them would fail without naming one
             for key, value in arrays.items():
                 seen, shape = first.setdefault(key, (name, value.shape[1:]))
