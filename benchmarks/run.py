@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -124,18 +125,22 @@ def peer(mode: str, out: Path, work: Path, npz: Path | None = None) -> dict | No
 
 
 # -- ours ------------------------------------------------------------------------------------
-def ours(name: str, in_process: bool, work: Path) -> dict:
-    """`rtb-ray train` of the main job from an empty prior cache; every evaluation row is
-    stamped with the time since the process started."""
+def ours(name: str, in_process: bool, work: Path, *, overrides: tuple[str, ...] = (),
+         cache: Path | None = None, stop_at_bar: bool = False) -> dict:
+    """`rtb-ray train` of the main job (with ``--set`` ``overrides``) from an empty prior cache,
+    or from ``cache``; every evaluation row is stamped with the time since the process started.
+    ``stop_at_bar``: Ctrl-C at the first evaluation at the bar (no final evaluation then)."""
     run = work / name
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
+    cache = cache or run / "cache"
     cmd = [sys.executable, "-m", "rtb_ray.cli", "train", str(CONFIG), "--output", str(run / "run"),
-           "--no-progress", *(["--in-process"] if in_process else [])]
-    env = {**os.environ, "RTB_RAY_CACHE": str(run / "cache")}
-    print(f"\n$ RTB_RAY_CACHE={run / 'cache'} {' '.join(cmd[1:])}", flush=True)
+           "--no-progress", *(["--in-process"] if in_process else []),
+           *(a for o in overrides for a in ("--set", o))]
+    env = {**os.environ, "RTB_RAY_CACHE": str(cache)}
+    print(f"\n$ RTB_RAY_CACHE={cache} {' '.join(cmd[1:])}", flush=True)
     metrics = run / "run" / "metrics.jsonl"
-    curve, seen = [], 0
+    curve, seen, stopped = [], 0, False
     t0 = time.perf_counter()
     with open(run / "stdout.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -153,23 +158,27 @@ def ours(name: str, in_process: bool, work: Path) -> dict:
                     print(f"  {name} {now:7.1f} s step {row['step']:>5}: TV {row['tv_analytic']:.3f}"
                           f" modes {row['modes_hit']:.0f} forbidden {row['forbidden_mass']:.4f} "
                           f"E[log r] {row['mean_log_reward']:.3f}", flush=True)
+                    if stop_at_bar and meets_bar(row) and not done:
+                        proc.send_signal(signal.SIGINT)  # checkpoints, exits 130
+                        stopped = True
             seen = len(lines)
             if done:
                 break
             time.sleep(0.5)
     total_s = time.perf_counter() - t0
-    if proc.returncode != 0:
+    if proc.returncode != (130 if stopped else 0):
         raise RuntimeError(f"{name}: rtb-ray train exited {proc.returncode}; see {run}/stdout.log")
     import torch
 
-    prior_ckpt = next((run / "cache").rglob("prior-*.pt"))
+    prior_ckpt = next(cache.rglob("prior-*.pt"))
     prior_s = torch.load(prior_ckpt, weights_only=True)["stats"]["pretrain_seconds"]
-    final = json.loads((run / "run" / "final_eval.json").read_text())
+    final_path = run / "run" / "final_eval.json"
+    final = json.loads(final_path.read_text()) if final_path.exists() else curve[-1]
     keys = ("step", "num_samples", "tv_analytic", "tv_target", "modes_hit", "forbidden_mass",
             "elbo_gap", "eubo_gap", "log_z_error", "mean_log_reward", "ess_fraction")
     return {"system": "rtb-ray " + ("in-process trainer" if in_process else "Ray runtime"),
             "prior_s": prior_s, "total_s": total_s, "curve": curve,
-            "final": {k: final[k] for k in keys if k in final}}
+            "final": {k: final[k] for k in keys if k in final}, "run": str(run / "run")}
 
 
 # -- report ----------------------------------------------------------------------------------
