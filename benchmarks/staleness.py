@@ -1,7 +1,7 @@
 """Staleness against time to the bar on 25→9, in the Ray runtime (issue: performance, part 3).
 
     python benchmarks/staleness.py [--publish 1,5,20,50] [--half-lives none,128,512]
-                                   [--steps 5000] [--out DIR] [--work DIR]
+                                   [--seeds 0] [--steps 5000] [--out DIR] [--work DIR]
 
 One prior is pretrained (or found) in WORK/cache; then ``rtb-ray train
 pipelines/configs/gmm25.yaml`` runs on Ray once per setting, each stopped (Ctrl-C, a checkpoint)
@@ -15,7 +15,7 @@ at its first evaluation at the bar (mode TV ≤ 0.05, 9/9 modes, ≤ 2 % forbidd
 Per run: fine-tuning seconds to the bar (the run's own clock, evaluations included: ``wall_s``
 of the first evaluation at the bar), learner steps to the bar, and the staleness its learner saw
 (``train/staleness_*``: learner step minus the policy version of each trained trajectory,
-averaged over the train rows up to the bar). Writes ``staleness.json`` and ``staleness.png``
+averaged over the train rows up to the bar). Writes ``staleness.json`` (``staleness_NAME.json`` with --name) and its ``.png``
 to DIR (default benchmarks/results/). Speeds are compared within this one run, on one machine.
 """
 
@@ -53,12 +53,12 @@ def settings(publish: list[int], half_lives: list[int | None]) -> list[dict]:
     return unique
 
 
-def measure(setting: dict, work: Path, cache: Path, steps: int) -> dict:
+def measure(setting: dict, work: Path, cache: Path, steps: int, seed: int) -> dict:
     half_life = setting["recency_half_life"]
-    name = f"publish{setting['publish_every_steps']}_halflife{half_life}"
+    name = f"publish{setting['publish_every_steps']}_halflife{half_life}_seed{seed}"
     overrides = (f"runtime.publish_every_steps={setting['publish_every_steps']}",
                  f"replay.recency_half_life={'null' if half_life is None else half_life}",
-                 f"train.steps={steps}")
+                 f"train.steps={steps}", f"seed={seed}")
     result = ours(name, False, work, overrides=overrides, cache=cache, stop_at_bar=True)
     at_bar = next((p for p in result["curve"] if meets_bar(p)), None)
     rows = [json.loads(line) for line in
@@ -66,7 +66,7 @@ def measure(setting: dict, work: Path, cache: Path, steps: int) -> dict:
     until = at_bar["step"] if at_bar else steps
     train = [r for r in rows if r["kind"] == "train" and r["step"] <= until and
              "staleness_mean" in r]
-    return {**setting, "name": name,
+    return {**setting, "seed": seed, "name": name,
             "finetune_s_to_bar": at_bar["wall_s"] if at_bar else None,
             "steps_to_bar": at_bar["step"] if at_bar else None,
             "reached_bar": at_bar is not None,
@@ -87,12 +87,21 @@ def plot(rows: list[dict], path: Path) -> None:
         other = "recency_half_life" if key == "publish_every_steps" else "publish_every_steps"
         fixed = 512 if key == "publish_every_steps" else 5
         mine = [r for r in rows if r[other] == fixed and r["reached_bar"]]
-        xs = [r[key] if r[key] is not None else 0 for r in mine]
-        ax.plot(xs, [r["finetune_s_to_bar"] for r in mine], "o-", label="seconds to the bar")
-        for r, x in zip(mine, xs):
-            ax.annotate(f"p50 {r['staleness_p50']:.0f} / p90 {r['staleness_p90']:.0f}",
-                        (x, r["finetune_s_to_bar"]), fontsize=7, textcoords="offset points",
-                        xytext=(4, 4))
+        values = sorted({r[key] if r[key] is not None else 0 for r in mine})
+
+        def mean(k: str, v: int) -> float:
+            at = [r[k] for r in mine if (r[key] if r[key] is not None else 0) == v]
+            return sum(at) / len(at)
+
+        ax.plot([r[key] if r[key] is not None else 0 for r in mine],
+                [r["finetune_s_to_bar"] for r in mine], ".", color="gray", label="one seed")
+        ax.plot(values, [mean("finetune_s_to_bar", v) for v in values], "o-",
+                label="mean over seeds")
+        for v in values:
+            ax.annotate(f"p50 {mean('staleness_p50', v):.0f} / p90 {mean('staleness_p90', v):.0f}",
+                        (v, mean("finetune_s_to_bar", v)), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4))
+        ax.legend(fontsize=7)
         ax.set(xlabel=label + (" (0: none, uniform)" if key == "recency_half_life" else ""),
                ylabel="fine-tuning seconds to the 25→9 bar", title=f"{label} (staleness quantiles)")
         if key == "publish_every_steps":
@@ -107,7 +116,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--publish", default="1,5,20,50")
     parser.add_argument("--half-lives", default="none,128,2048")
+    parser.add_argument("--seeds", default="0", help="seeds per setting, e.g. 0,1,2")
     parser.add_argument("--steps", type=int, default=5000, help="train.steps: the cap of a run")
+    parser.add_argument("--name", help="write staleness_NAME.json (a partial sweep) instead")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_staleness")
     args = parser.parse_args()
@@ -119,7 +130,8 @@ def main() -> None:
                    cwd=ROOT, env={**os.environ, "RTB_RAY_CACHE": str(cache)})
     rows = []
     for setting in settings(publish, half_lives):
-        rows.append(measure(setting, args.work, cache, args.steps))
+        for seed in (int(x) for x in args.seeds.split(",")):
+            rows.append(measure(setting, args.work, cache, args.steps, seed))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "final"}), flush=True)
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": {"cpus": len(os.sched_getaffinity(0)),
@@ -127,16 +139,18 @@ def main() -> None:
               "config": str(CONFIG.relative_to(ROOT)), "cap_steps": args.steps,
               "wall_s": time.perf_counter() - t0, "runs": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "staleness.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(rows, args.out / "staleness.png")
-    print(f"\n{'publish':>8} {'half-life':>9} {'s to bar':>9} {'steps':>6} {'p50':>5} {'p90':>5}")
+    name = args.out / ("staleness.json" if args.name is None else f"staleness_{args.name}.json")
+    name.write_text(json.dumps(result, indent=2) + "\n")
+    plot(rows, name.with_suffix(".png"))
+    print(f"\n{'publish':>8} {'half-life':>9} {'seed':>4} {'s to bar':>9} {'steps':>6} {'p50':>5} "
+          f"{'p90':>5}")
     for r in rows:
         s = "—" if r["finetune_s_to_bar"] is None else f"{r['finetune_s_to_bar']:.0f}"
         p50 = "—" if r["staleness_p50"] is None else f"{r['staleness_p50']:.0f}"
         p90 = "—" if r["staleness_p90"] is None else f"{r['staleness_p90']:.0f}"
-        print(f"{r['publish_every_steps']:>8} {str(r['recency_half_life']):>9} {s:>9} "
+        print(f"{r['publish_every_steps']:>8} {str(r['recency_half_life']):>9} {r['seed']:>4} {s:>9} "
               f"{str(r['steps_to_bar']):>6} {p50:>5} {p90:>5}")
-    print(f"wrote {args.out / 'staleness.json'} and staleness.png")
+    print(f"wrote {name} and {name.with_suffix('.png').name}")
 
 
 if __name__ == "__main__":
