@@ -1,6 +1,7 @@
 """rtb-ray against its peer and against the machine's limits: one command, one run, one machine.
 
-    python benchmarks/run.py [--quick] [--only replay,learner,runtime,e2e] [--peer cached|run|skip]
+    python benchmarks/run.py [--quick] [--only replay,learner,runtime,e2e,staleness]
+                             [--peer cached|run|skip]
                              [--out DIR]
 
 Parts (each also runs on its own; see its script):
@@ -10,6 +11,8 @@ Parts (each also runs on its own; see its script):
             rows and against per-step recompute (1 and 2 threads).
 - runtime — benchmarks/runtime.py without its memory run: 1 and 2 rollout workers against the
             in-process sampler, weight broadcast against put+get, MLflow logging overhead.
+- staleness — benchmarks/staleness.py: time to the 25→9 bar against the publish interval and
+            the store's recency weighting, with the staleness quantiles each run reached.
 - e2e     — quality against wall time on 25→9 for (a) the in-process trainer and (b) the Ray
             runtime, each `rtb-ray train pipelines/configs/gmm25.yaml` (the README's main job)
             from an empty prior cache, so prior pretraining is in the clock; and (c) the peer,
@@ -49,7 +52,9 @@ PEER_VENV = ROOT / "benchmarks" / ".peer-venv"
 PEER_CURVE = "peer_torchgfn_curve.json"
 CONFIG = ROOT / "pipelines" / "configs" / "gmm25.yaml"
 BAR = {"tv_analytic": 0.05, "modes_hit": 9, "forbidden_mass": 0.02}
-PARTS = ("replay", "learner", "runtime", "e2e")
+STALENESS_KEYS = ("publish_every_steps", "recency_half_life", "seed", "finetune_s_to_bar",
+                  "steps_to_bar", "staleness_p50", "staleness_p90", "staleness_p99")
+PARTS = ("replay", "learner", "runtime", "e2e", "staleness")
 
 
 def meets_bar(m: dict) -> bool:
@@ -238,6 +243,13 @@ def markdown(result: dict) -> str:
                   f"ratio_vs_peer = {e2e['ratio_vs_peer']}, ratio_vs_in_process = "
                   f"{e2e['ratio_vs_in_process']}.", "", "![quality against time](bench_e2e.png)",
                   ""]
+    if result.get("staleness"):
+        lines += ["## Staleness against time to the bar (benchmarks/staleness.py)", "",
+                  "| " + " | ".join(STALENESS_KEYS) + " |",
+                  "|" + "---|" * len(STALENESS_KEYS)]
+        lines += ["| " + " | ".join(f"{r[k]:.0f}" if isinstance(r[k], float) else str(r[k])
+                                    for k in STALENESS_KEYS) + " |" for r in result["staleness"]]
+        lines.append("")
     parts = result.get("parts", {})
     if parts:
         lines += ["## Parts", "", "| measure | value |", "|---|---|"]
@@ -265,7 +277,7 @@ def main() -> None:
     if only - set(PARTS):
         p.error(f"--only: unknown parts {sorted(only - set(PARTS))} (parts: {', '.join(PARTS)})")
     if args.quick:
-        only.discard("e2e")
+        only -= {"e2e", "staleness"}
     args.out.mkdir(parents=True, exist_ok=True)
     quick = ["--quick"] if args.quick else []
     result: dict = {"mode": "quick" if args.quick else "full",
@@ -316,6 +328,10 @@ def main() -> None:
             e2e["peer_reaches_bar"] = first_at_bar(peer_result["curve"]) is not None
         result["end_to_end"] = e2e
         plot(systems, args.out / "bench_e2e.png")
+    if "staleness" in only:
+        script("staleness.py", "--out", str(args.out), "--work", str(args.work / "staleness"))
+        runs = json.loads((args.out / "staleness.json").read_text())["runs"]
+        result["staleness"] = [{k: r.get(k) for k in STALENESS_KEYS} for r in runs]
     name = "bench_quick" if args.quick else "bench"
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / f"{name}.md").write_text(markdown(result))
