@@ -38,7 +38,6 @@ paper's settings.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import math
 import time
@@ -693,10 +692,3 @@ class PendulumTask:
 def make_task(config: Config) -> PendulumTask:
     return PendulumTask(config)
 
-
-def dataset_digest(data: dict[str, np.ndarray]) -> str:
-    """sha256 over the arrays (a generated dataset's identity, for determinism checks)."""
-    h = hashlib.sha256()
-    for k in D4RL_KEYS:
-        h.update(np.ascontiguousarray(data[k]).tobytes())
-    return h.hexdigest()

@@ -122,6 +122,20 @@ def add_lora(net: nn.Module, rank: int, alpha: float,
     is touched, so a refusal leaves it unchanged.
     """
     modules = {path: m for path, m in net.named_modules() if path}
+    targets = _lora_targets(modules, target_modules)
+    net.requires_grad_(False)
+    for path in targets:
+        parent_path, _, name = path.rpartition(".")
+        parent = net.get_submodule(parent_path) if parent_path else net
+        # setattr with a string index also replaces entries of Sequential / ModuleList (to_out.0)
+        setattr(parent, name, LoRALinear(modules[path], rank, alpha))
+    return len(targets)
+
+
+def _lora_targets(modules: dict[str, nn.Module], target_modules: list[str] | None
+                  ) -> list[str]:
+    """The paths ``add_lora`` wraps, of ``modules`` (a network's named modules), in order; a
+    ValueError naming the pattern or module when the targets are not what was asked for."""
     # nn.MultiheadAttention reads out_proj.weight (and its packed in_proj) directly in its
     # forward instead of calling the submodule, so a wrapper there would break it or be bypassed
     mha_paths = [path for path, m in modules.items() if isinstance(m, nn.MultiheadAttention)]
@@ -163,14 +177,7 @@ def add_lora(net: nn.Module, rank: int, alpha: float,
                                      f"directly{by}")
                 if path not in targets:
                     targets.append(path)
-
-    net.requires_grad_(False)
-    for path in targets:
-        parent_path, _, name = path.rpartition(".")
-        parent = net.get_submodule(parent_path) if parent_path else net
-        # setattr with a string index also replaces entries of Sequential / ModuleList (to_out.0)
-        setattr(parent, name, LoRALinear(modules[path], rank, alpha))
-    return len(targets)
+    return targets
 
 
 def own_state(posterior: nn.Module, prior: nn.Module) -> dict[str, Tensor]:

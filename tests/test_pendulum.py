@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from pipelines.pendulum import (DATASETS, EPISODE_STEPS, EXPERT_RETURN, MAX_TORQUE,
-                                RANDOM_RETURN, Config, PendulumTask, dataset_digest,
+                                RANDOM_RETURN, Config, PendulumTask,
                                 episode_returns, generate_dataset, normalized_score,
                                 reference_returns, run_episodes, scripted_policy)
 from rtb_ray.config import ConfigError, load_config
@@ -23,6 +24,14 @@ CONFIG = ROOT / "pipelines" / "configs" / "pendulum.yaml"
 TINY = dict(num_episodes=6, num_steps=8, hidden=32, depth=1, num_eval_states=4, eval_episodes=3,
             pretrain={"steps": 40, "batch_size": 128, "stats_samples": 128},
             critic={"steps": 40, "batch_size": 64, "hidden": 32})
+
+
+def dataset_digest(data: dict[str, np.ndarray]) -> str:
+    """sha256 over the arrays: a generated dataset's identity."""
+    h = hashlib.sha256()
+    for k in D4RL_KEYS:
+        h.update(np.ascontiguousarray(data[k]).tobytes())
+    return h.hexdigest()
 
 pytestmark = pytest.mark.usefixtures("one_thread", "cache_dir")  # conftest.py
 

@@ -144,6 +144,22 @@ class _Groups:
         return _Groups(self._rows.of_sources(codes), self._k)
 
 
+def _check_sizes(capacity_trajectories: int, group_size: int, seal_every_s: float | None,
+                 segment_rows: int | None) -> None:
+    """ReplayStore's size arguments, each refused with a ValueError naming it."""
+    if capacity_trajectories < 1:
+        raise ValueError(f"capacity_trajectories must be >= 1 (got {capacity_trajectories})")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1 (got {group_size})")
+    if capacity_trajectories < group_size:
+        raise ValueError(f"capacity_trajectories={capacity_trajectories} holds no group of "
+                         f"group_size={group_size} rows")
+    if seal_every_s is not None and not 0 < seal_every_s < math.inf:
+        raise ValueError(f"seal_every_s must be a positive number (got {seal_every_s})")
+    if segment_rows is not None and segment_rows < 1:
+        raise ValueError(f"segment_rows must be >= 1 (got {segment_rows})")
+
+
 class ReplayStore:
     def __init__(
         self,
@@ -182,17 +198,7 @@ class ReplayStore:
         n/k whole groups, each's rows contiguous, drawn by the sampler as one item each. The
         capacity and ``segment_rows`` are rounded down to multiples of k (segment_rows at least
         k)."""
-        if capacity_trajectories < 1:
-            raise ValueError(f"capacity_trajectories must be >= 1 (got {capacity_trajectories})")
-        if group_size < 1:
-            raise ValueError(f"group_size must be >= 1 (got {group_size})")
-        if capacity_trajectories < group_size:
-            raise ValueError(f"capacity_trajectories={capacity_trajectories} holds no group of "
-                             f"group_size={group_size} rows")
-        if seal_every_s is not None and not 0 < seal_every_s < math.inf:
-            raise ValueError(f"seal_every_s must be a positive number (got {seal_every_s})")
-        if segment_rows is not None and segment_rows < 1:
-            raise ValueError(f"segment_rows must be >= 1 (got {segment_rows})")
+        _check_sizes(capacity_trajectories, group_size, seal_every_s, segment_rows)
         self.run = run
         self.group_size = group_size
         self.sampler = sampler or Uniform()
