@@ -87,9 +87,6 @@ def train_on_ray(cfg: RunConfig, output: Path, *, address: str | None = None,
     init_ray(address, runtime_env=task_runtime_env(cfg.task.name))  # ships a user task
     run = run_id(output)
     names = {role: f"{run}/{role}" for role in ("store", "weights", "coordinator", "learner")}
-    write_json(output / RUNTIME_FILE, {
-        "run": run, "address": ray.get_runtime_context().gcs_address, "namespace": NAMESPACE,
-        **names, "driver_pid": os.getpid(), "started": time.time()})
     stop = threading.Event()
     try:
         # Ctrl-C and SIGTERM (`ray job stop`, a batch system) ask the learner to checkpoint and
@@ -99,8 +96,10 @@ def train_on_ray(cfg: RunConfig, output: Path, *, address: str | None = None,
                           task.progress_metrics, stop)
     finally:
         ray.shutdown()
-        info = read_runtime(output)
-        write_json(output / RUNTIME_FILE, {**info, "ended": time.strftime("%Y-%m-%d %H:%M:%S")})
+        if (output / RUNTIME_FILE).exists():  # written once its actors were up
+            info = read_runtime(output)
+            write_json(output / RUNTIME_FILE,
+                       {**info, "ended": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
 def _train(cfg: RunConfig, output: Path, run: str, names: dict[str, str], resume: bool,
@@ -111,6 +110,10 @@ def _train(cfg: RunConfig, output: Path, run: str, names: dict[str, str], resume
     _wait_until_gone(names.values())
     start_learner, weights, coordinator, store = _start_actors(
         cfg, output, run, names, tracking, prior_file)
+    # only now: `rtb-ray status/scale` read it to find the coordinator, which exists from here
+    write_json(output / RUNTIME_FILE, {
+        "run": run, "address": ray.get_runtime_context().gcs_address, "namespace": NAMESPACE,
+        **names, "driver_pid": os.getpid(), "started": time.time()})
     try:
         learner = start_learner(resume)
         described = ray.get(learner.tracking.remote())
